@@ -1,0 +1,30 @@
+"""Every monkeypatch of vLLM, one module per seam.
+
+Each module says what it replaces, why, and the upstream change that would
+retire it (the diffs in the repository's ``patches/`` folder add the same
+seams to vLLM itself). Each checks its target's shape and raises
+`SeamError` naming the supported vLLM versions when it changed.
+
+* `engine_args`: policy keywords and CLI flags -> ``additional_config``;
+  config checks before any process starts. (API process)
+* `attention_selector`: the TOVA backend for decoder attention layers when a
+  policy is set. (worker)
+* `model_runner`: prompt lengths for the TOVA metadata builder. (worker)
+* `engine_core`: adds ``EngineCore.tova_kv_state`` for block inspection.
+  (engine core)
+"""
+
+from __future__ import annotations
+
+from tova_vllm.patch._seam import SUPPORTED_VLLM, SeamError, check_vllm_version
+
+__all__ = ["SUPPORTED_VLLM", "SeamError", "apply_all", "check_vllm_version"]
+
+
+def apply_all() -> None:
+    from tova_vllm.patch import attention_selector, engine_args, engine_core, model_runner
+
+    engine_args.apply()
+    attention_selector.apply()
+    model_runner.apply()
+    engine_core.apply()

@@ -1,0 +1,64 @@
+"""vLLM's entry points into tova-vllm.
+
+* `register` (entry point group ``vllm.general_plugins``): vLLM calls it in
+  every process it starts (API server, engine core, each worker, Ray actors
+  included). It checks the vLLM version once, registers the TOVA attention
+  backend name and KV cache spec, and applies the seams. Idempotent.
+* `early_hook` (group ``vllm.platform_plugins``): vLLM calls platform plugins
+  while ``vllm.engine.arg_utils`` is being imported, i.e. before any
+  ``LLM(...)`` builds its EngineArgs and before general plugins load. It only
+  makes EngineArgs accept the policy keywords, and claims no platform (returns
+  None). vLLM skips platform plugins when VLLM_TARGET_DEVICE=cpu is set, so
+  `register` applies the same patch too, and ``from tova_vllm import LLM``
+  works in every case.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from tova_vllm import patch
+    from tova_vllm.backend import BACKEND_NAME
+    from tova_vllm.kv_spec import register_kv_cache_spec
+
+    patch.check_vllm_version()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if BACKEND_NAME not in AttentionBackendEnum._member_map_:
+        register_backend(BACKEND_NAME, "tova_vllm.backend.TovaAttentionBackend")
+    register_kv_cache_spec()
+    patch.apply_all()
+    _registered = True
+
+
+class _AfterArgUtils(importlib.abc.MetaPathFinder):
+    """Applies the EngineArgs keyword patch at the first import that follows
+    the end of ``vllm.engine.arg_utils``'s own import. Finds nothing itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        from tova_vllm.patch import engine_args
+
+        if engine_args.apply_init_only():
+            try:
+                sys.meta_path.remove(self)
+            except ValueError:
+                pass
+        return None
+
+
+def early_hook() -> None:
+    from tova_vllm.patch import engine_args
+
+    if not engine_args.apply_init_only() and not any(
+        isinstance(f, _AfterArgUtils) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _AfterArgUtils())
+    return None
