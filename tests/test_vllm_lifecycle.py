@@ -32,10 +32,18 @@ def _idle(llm) -> dict:
     return state
 
 
-def test_block_size_and_pool(llm):
+def test_block_size_pool_and_concurrency(llm):
     state = _idle(llm)
     assert state["policy_groups"] == 1
     assert llm.llm_engine.vllm_config.cache_config.block_size == BLOCK
+    # The startup check and the logged concurrency count a request as its cap,
+    # not max_model_len: about max_model_len / budget times what the same
+    # blocks give stock vLLM (which needs ceil(max_model_len / block) blocks).
+    max_model_len = llm.llm_engine.vllm_config.model_config.max_model_len
+    assert state["max_concurrency"] == pytest.approx(state["num_blocks"] / CAP_BLOCKS)
+    stock_concurrency = state["num_blocks"] / -(-max_model_len // BLOCK)
+    ratio = state["max_concurrency"] / stock_concurrency
+    assert ratio >= 0.85 * max_model_len / BUDGET, ratio
 
 
 def test_finished_requests_return_blocks_and_hold_the_cap(llm, chat_prompts):

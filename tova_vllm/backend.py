@@ -104,8 +104,24 @@ class TovaAttentionBackend(AttentionBackend):
 
 
 @dataclass
+class DecodeBatch:
+    """The step's plain decode rows (one token, prompt already processed), as
+    index tensors every layer reuses: all of them attend and evict at once."""
+
+    token_idx: torch.Tensor  # [R] row's token in the step's flattened tokens
+    write_block: torch.Tensor  # [R] where the new token goes: slot min(pos, k)
+    write_off: torch.Tensor
+    gather_block: torch.Tensor  # [R, n] slots 0..n-1 (past a row's last: its last)
+    gather_off: torch.Tensor
+    mask: torch.Tensor  # [R, n] 0 for a row's slots, -inf-like past them
+    evict_rows: torch.Tensor  # [E] rows (of R) that hold k + 1 slots: evict one
+    scratch_block: torch.Tensor  # [E] slot k of those rows
+    scratch_off: torch.Tensor
+
+
+@dataclass
 class TovaMetadata:
-    """One step's batch, as Python ints shared by every layer of the step."""
+    """One step's batch, shared by every layer of the step."""
 
     num_reqs: int
     num_actual_tokens: int
@@ -114,6 +130,8 @@ class TovaMetadata:
     num_prompt: list[int]
     block_table: torch.Tensor  # [num_reqs, max_blocks]
     block_size: int
+    other_rows: list[int]  # rows processed one by one (prefill chunks, recompute)
+    decode: DecodeBatch | None
 
 
 class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
@@ -155,14 +173,53 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         seq_lens = seq_lens[:n].tolist()
         num_computed = [seq_lens[i] - (query_start[i + 1] - query_start[i]) for i in range(n)]
         num_prompt = self.runner.input_batch.num_prompt_tokens_cpu_tensor[:n].tolist()
+        decode_rows, other_rows = [], []
+        for r in range(n):
+            is_decode = query_start[r + 1] - query_start[r] == 1 and num_computed[r] >= num_prompt[r]
+            (decode_rows if is_decode else other_rows).append(r)
+        block_table = cm.block_table_tensor[:n]
         return TovaMetadata(
             num_reqs=n,
             num_actual_tokens=cm.num_actual_tokens,
             query_start=query_start,
             num_computed=num_computed,
             num_prompt=num_prompt,
-            block_table=cm.block_table_tensor[:n],
+            block_table=block_table,
             block_size=self.block_size,
+            other_rows=other_rows,
+            decode=self._decode_batch(decode_rows, query_start, num_computed, block_table),
+        )
+
+    def _decode_batch(self, rows, query_start, num_computed, block_table) -> DecodeBatch | None:
+        if not rows:
+            return None
+        device = block_table.device
+        budget = self.kv_cache_spec.kv_budget
+        bs = self.block_size
+        held = torch.tensor([min(num_computed[r], budget) for r in rows], device=device)
+        table = block_table[torch.tensor(rows, device=device)]
+        n = int(held.max()) + 1
+        slots = torch.arange(n, device=device).unsqueeze(0)
+        valid = slots <= held.unsqueeze(1)
+        slots = torch.minimum(slots, held.unsqueeze(1))  # past a row's last: a real slot
+        gather_block = torch.gather(table, 1, torch.div(slots, bs, rounding_mode="floor"))
+        mask = torch.zeros(valid.shape, dtype=torch.float32, device=device)
+        mask.masked_fill_(~valid, float("-inf"))
+        write = held.unsqueeze(1)
+        evict_rows = torch.nonzero(held == budget).flatten()
+        scratch = torch.full((evict_rows.numel(), 1), budget, device=device)
+        return DecodeBatch(
+            token_idx=torch.tensor([query_start[r] for r in rows], device=device),
+            write_block=torch.gather(table, 1, torch.div(write, bs, rounding_mode="floor")).flatten(),
+            write_off=(write % bs).flatten(),
+            gather_block=gather_block,
+            gather_off=slots % bs,
+            mask=mask,
+            evict_rows=evict_rows,
+            scratch_block=torch.gather(
+                table[evict_rows], 1, torch.div(scratch, bs, rounding_mode="floor")
+            ).flatten(),
+            scratch_off=(scratch % bs).flatten(),
         )
 
 
@@ -227,7 +284,9 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         # Logical per-layer view [num_blocks, num_kv_heads, block_size, K|V].
         key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
         m = attn_metadata
-        for r in range(m.num_reqs):
+        if m.decode is not None:
+            self._forward_decode(m.decode, query, key, value, key_cache, value_cache, output)
+        for r in m.other_rows:
             start, end = m.query_start[r], m.query_start[r + 1]
             if end == start:
                 continue
@@ -244,6 +303,33 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
                 output[start:end],
             )
         return output
+
+    # -- all plain decode rows at once ------------------------------------
+
+    def _forward_decode(self, d: DecodeBatch, query, key, value, key_cache, value_cache, output) -> None:
+        rows = d.token_idx.shape[0]
+        q = query[d.token_idx]  # [R, Hq, D]
+        key_cache[d.write_block, :, d.write_off, :] = key[d.token_idx].to(key_cache.dtype)
+        value_cache[d.write_block, :, d.write_off, :] = value[d.token_idx].to(value_cache.dtype)
+        keys = key_cache[d.gather_block, :, d.gather_off, :].to(q.dtype)  # [R, n, Hkv, D]
+        values = value_cache[d.gather_block, :, d.gather_off, :].to(q.dtype)
+        qg = q.view(rows, self.num_kv_heads, self.num_queries_per_kv, self.head_size)
+        scores = torch.einsum("rhgd,rnhd->rhgn", qg, keys) * self.scale
+        scores = scores + d.mask[:, None, None, :].to(scores.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        attn = torch.einsum("rhgn,rnhd->rhgd", probs.to(q.dtype), values)
+        output[d.token_idx] = attn.reshape(rows, self.num_heads, self.head_size).to(output.dtype)
+        if d.evict_rows.numel() == 0:
+            return
+        budget = self.policy.budget
+        last = probs[d.evict_rows].reshape(-1, self.num_heads, probs.shape[-1])[..., : budget + 1]
+        victim = policies.evict_one(self._priority(last, budget + 1))  # [E]
+        # The scratch slot's token replaces the victim (a self-copy when the
+        # new token itself is evicted): no host sync, no branch.
+        dst_block = d.gather_block[d.evict_rows, victim]
+        dst_off = d.gather_off[d.evict_rows, victim]
+        key_cache[dst_block, :, dst_off, :] = key_cache[d.scratch_block, :, d.scratch_off, :]
+        value_cache[dst_block, :, dst_off, :] = value_cache[d.scratch_block, :, d.scratch_off, :]
 
     # -- one request -------------------------------------------------------
 

@@ -48,6 +48,13 @@ def kv_state(engine_core: Any) -> dict[str, Any]:
         "blocks_per_running_request": running,
         "blocks_at_release": finished,
         "num_requests": len(scheduler.requests),
+        # What vLLM computed (and logged) at startup from the specs'
+        # max_memory_usage_bytes: requests of max_model_len that fit at once.
+        "max_concurrency": getattr(
+            getattr(engine_core, "vllm_config", None) and engine_core.vllm_config.cache_config,
+            "kv_cache_max_concurrency",
+            None,
+        ),
         "policy_groups": len(tova),
     }
 
