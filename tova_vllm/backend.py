@@ -111,9 +111,8 @@ class DecodeBatch:
     token_idx: torch.Tensor  # [R] row's token in the step's flattened tokens
     write_block: torch.Tensor  # [R] where the new token goes: slot min(pos, k)
     write_off: torch.Tensor
-    gather_block: torch.Tensor  # [R, n] slots 0..n-1 (past a row's last: its last)
-    gather_off: torch.Tensor
-    mask: torch.Tensor  # [R, n] 0 for a row's slots, -inf-like past them
+    blocks: torch.Tensor  # [R, nb] each row's blocks holding slots 0..nb*bs-1
+    valid: torch.Tensor  # [R, nb*bs] the row's slots 0..min(pos, k)
     evict_rows: torch.Tensor  # [E] rows (of R) that hold k + 1 slots: evict one
     scratch_block: torch.Tensor  # [E] slot k of those rows
     scratch_off: torch.Tensor
@@ -198,13 +197,11 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         bs = self.block_size
         held = torch.tensor([min(num_computed[r], budget) for r in rows], device=device)
         table = block_table[torch.tensor(rows, device=device)]
-        n = int(held.max()) + 1
-        slots = torch.arange(n, device=device).unsqueeze(0)
-        valid = slots <= held.unsqueeze(1)
-        slots = torch.minimum(slots, held.unsqueeze(1))  # past a row's last: a real slot
-        gather_block = torch.gather(table, 1, torch.div(slots, bs, rounding_mode="floor"))
-        mask = torch.zeros(valid.shape, dtype=torch.float32, device=device)
-        mask.masked_fill_(~valid, float("-inf"))
+        num_blocks = int(held.max()) // bs + 1
+        # Past a row's last block, repeat it: every index is a block of the row.
+        last_block = torch.div(held, bs, rounding_mode="floor").unsqueeze(1)
+        block_idx = torch.minimum(torch.arange(num_blocks, device=device).unsqueeze(0), last_block)
+        slots = torch.arange(num_blocks * bs, device=device).unsqueeze(0)
         write = held.unsqueeze(1)
         evict_rows = torch.nonzero(held == budget).flatten()
         scratch = torch.full((evict_rows.numel(), 1), budget, device=device)
@@ -212,9 +209,8 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             token_idx=torch.tensor([query_start[r] for r in rows], device=device),
             write_block=torch.gather(table, 1, torch.div(write, bs, rounding_mode="floor")).flatten(),
             write_off=(write % bs).flatten(),
-            gather_block=gather_block,
-            gather_off=slots % bs,
-            mask=mask,
+            blocks=torch.gather(table, 1, block_idx),
+            valid=slots <= held.unsqueeze(1),
             evict_rows=evict_rows,
             scratch_block=torch.gather(
                 table[evict_rows], 1, torch.div(scratch, bs, rounding_mode="floor")
@@ -285,7 +281,7 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         key_cache, value_cache = kv_cache.split(self.head_size, dim=-1)
         m = attn_metadata
         if m.decode is not None:
-            self._forward_decode(m.decode, query, key, value, key_cache, value_cache, output)
+            self._forward_decode(m.decode, query, key, value, kv_cache, output)
         for r in m.other_rows:
             start, end = m.query_start[r], m.query_start[r + 1]
             if end == start:
@@ -306,19 +302,24 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
 
     # -- all plain decode rows at once ------------------------------------
 
-    def _forward_decode(self, d: DecodeBatch, query, key, value, key_cache, value_cache, output) -> None:
-        rows = d.token_idx.shape[0]
+    def _forward_decode(self, d: DecodeBatch, query, key, value, kv_cache, output) -> None:
+        rows, dim = d.token_idx.shape[0], self.head_size
         q = query[d.token_idx]  # [R, Hq, D]
-        key_cache[d.write_block, :, d.write_off, :] = key[d.token_idx].to(key_cache.dtype)
-        value_cache[d.write_block, :, d.write_off, :] = value[d.token_idx].to(value_cache.dtype)
-        keys = key_cache[d.gather_block, :, d.gather_off, :].to(q.dtype)  # [R, n, Hkv, D]
-        values = value_cache[d.gather_block, :, d.gather_off, :].to(q.dtype)
-        qg = q.view(rows, self.num_kv_heads, self.num_queries_per_kv, self.head_size)
-        scores = torch.einsum("rhgd,rnhd->rhgn", qg, keys) * self.scale
-        scores = scores + d.mask[:, None, None, :].to(scores.dtype)
+        kv_cache[d.write_block, :, d.write_off, :] = torch.cat(
+            (key[d.token_idx], value[d.token_idx]), dim=-1
+        ).to(kv_cache.dtype)
+        # Whole blocks (contiguous copies), then each row's slots 0..min(pos, k).
+        kv = kv_cache[d.blocks]  # [R, nb, Hkv, bs, 2D]
+        kv = kv.transpose(1, 2).reshape(rows, self.num_kv_heads, -1, kv.shape[-1]).to(q.dtype)
+        keys, values = kv[..., :dim], kv[..., dim:]  # [R, Hkv, n, D]
+        qg = q.view(rows, self.num_kv_heads, self.num_queries_per_kv, dim)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale  # [R, Hkv, G, n]
+        # where, not add: slots past a row's last may hold anything, even NaN.
+        scores = scores.masked_fill(~d.valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        attn = torch.einsum("rhgn,rnhd->rhgd", probs.to(q.dtype), values)
-        output[d.token_idx] = attn.reshape(rows, self.num_heads, self.head_size).to(output.dtype)
+        values = values.masked_fill(~d.valid[:, None, :, None], 0.0)
+        attn = torch.matmul(probs.to(q.dtype), values)  # [R, Hkv, G, D]
+        output[d.token_idx] = attn.reshape(rows, self.num_heads, dim).to(output.dtype)
         if d.evict_rows.numel() == 0:
             return
         budget = self.policy.budget
@@ -326,10 +327,9 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         victim = policies.evict_one(self._priority(last, budget + 1))  # [E]
         # The scratch slot's token replaces the victim (a self-copy when the
         # new token itself is evicted): no host sync, no branch.
-        dst_block = d.gather_block[d.evict_rows, victim]
-        dst_off = d.gather_off[d.evict_rows, victim]
-        key_cache[dst_block, :, dst_off, :] = key_cache[d.scratch_block, :, d.scratch_off, :]
-        value_cache[dst_block, :, dst_off, :] = value_cache[d.scratch_block, :, d.scratch_off, :]
+        bs = kv_cache.shape[2]
+        dst_block = d.blocks[d.evict_rows, torch.div(victim, bs, rounding_mode="floor")]
+        kv_cache[dst_block, :, victim % bs, :] = kv_cache[d.scratch_block, :, d.scratch_off, :]
 
     # -- one request -------------------------------------------------------
 
