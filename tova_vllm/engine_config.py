@@ -3,6 +3,7 @@ starts the engine (before any engine or worker process exists)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vllm.logger import init_logger
@@ -39,6 +40,15 @@ def _unsupported_model_reason(vllm_config: Any) -> str | None:
     return None
 
 
+def pin_v1_model_runner() -> None:
+    """The TOVA builder learns prompt lengths from the V1 model runner
+    (tova_vllm.patch.model_runner); CUDA defaults to Model Runner V2. Set
+    before the VllmConfig is built (it reads this while it initialises);
+    engine and worker processes inherit this process's environment."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
 def prepare_vllm_config(vllm_config: Any) -> None:
     """Validate the model and adjust the config for the policy, in place."""
     policy = policy_from_vllm_config(vllm_config)
@@ -65,6 +75,7 @@ def prepare_vllm_config(vllm_config: Any) -> None:
             policy.name,
         )
         cache_config.enable_prefix_caching = False
+    pin_v1_model_runner()
     if not getattr(cache_config, "user_specified_block_size", True):
         # A request keeps budget + 1 slots; small blocks waste less of the last
         # one (the TOVA backend takes any block size).
