@@ -309,19 +309,6 @@ def test_server_stops_and_leaves_no_process(server):
 # end-of-import patch.)
 
 
-def test_vllm_serve_help_lists_the_policy_flags():
-    out = subprocess.run(
-        [VLLM_CLI, "serve", "--help=kv"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert "--kv-policy" in out.stdout and "--kv-budget" in out.stdout
-    assert "".join(POLICY_ARG_HELP["kv_policy"].split()) in "".join(out.stdout.split())
-
-
 def test_vllm_serve_rejects_an_unknown_policy(model_path):
     out = subprocess.run(
         [VLLM_CLI, "serve", model_path, "--kv-policy", "foo", "--kv-budget", "16", "--port", str(_free_port())],
