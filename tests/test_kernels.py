@@ -3,8 +3,9 @@ interpreter, against the PyTorch reference (`tova_vllm.kernels.reference`)
 and the backend's own decode math (`TovaAttentionImpl._forward_decode`).
 
 Triton reads TRITON_INTERPRET when a kernel is defined (``@triton.jit`` at
-import), so it is set before `tova_vllm.kernels` is imported; if another test
-imported the package without it in this process, it is reloaded.
+import) and again when it runs: it is set while `tova_vllm.kernels` is
+imported (reloaded if something imported it earlier without it) and during
+this module's tests, and unset otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import types
 from pathlib import Path
 
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -32,6 +34,28 @@ if type(tova_vllm.kernels.scoring._head_sum_kernel).__name__ != "InterpretedFunc
     for name in ("scoring", "attention", "decode_step"):
         importlib.reload(importlib.import_module(f"tova_vllm.kernels.{name}"))
     importlib.reload(tova_vllm.kernels)
+
+
+
+def _restore_interpret():
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+# The kernels are defined; other test modules collected after this one (and
+# the engines they spawn) must not inherit interpreted Triton. The interpreter
+# also reads the variable when kernels run: set again for this module's tests.
+_restore_interpret()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret()
+
 
 from tova_vllm.kernels import reference as ref  # noqa: E402
 from tova_vllm.kernels import attention, scoring  # noqa: E402
