@@ -222,10 +222,14 @@ def _vllm_triton_available() -> bool:
     return bool(HAS_TRITON)
 
 
-def select_attention(device: torch.device, head_size: int, block_size: int) -> str:
-    """The attention kernel for this device (see the module docstring)."""
+def select_attention(
+    device: torch.device, head_size: int, block_size: int, dtype: torch.dtype | None = None
+) -> str:
+    """The attention kernel for this device (see the module docstring).
+    FlashAttention only for fp16/bf16 caches and block sizes divisible by 16."""
     if device.type == "cuda":
-        if _flash_attn_version(head_size, block_size) is not None:
+        fa_ok = dtype in (None, torch.float16, torch.bfloat16) and block_size % 16 == 0
+        if fa_ok and _flash_attn_version(head_size, block_size) is not None:
             return "flash_attn"
         if _vllm_triton_available():
             return "vllm_triton"
@@ -291,7 +295,7 @@ def decode_attention(
     q, kv_cache, block_table, seq_lens, scale, max_seq_len, out=None, impl: str | None = None
 ):
     """Paged decode attention with LSE on the selected kernel; ``(out, lse [R, Hq])``."""
-    impl = impl or select_attention(q.device, q.shape[-1], kv_cache.shape[2])
+    impl = impl or select_attention(q.device, q.shape[-1], kv_cache.shape[2], kv_cache.dtype)
     if impl == "flash_attn":
         return flash_attn_decode(q, kv_cache, block_table, seq_lens, scale, max_seq_len, out)
     if impl == "vllm_triton":
