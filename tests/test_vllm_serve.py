@@ -1,38 +1,37 @@
 """A real OpenAI-compatible vLLM server with --kv-policy tova --kv-budget 48,
 queried with the `openai` client: completions and chat completions that
-outgrow the budget, streaming, determinism; its help text and startup log; a
+outgrow the budget, streaming, n > 1, stop strings, logprobs, concurrent
+clients, determinism, per-request budgets and policies (``vllm_xargs``: good
+ones run, bad ones get HTTP 400 naming the field while other requests carry
+on), the tova_vllm:* metrics on /metrics; its help text and startup log; a
 clean shutdown. One server for the module (an engine start costs 30-90 s here).
-
-The server runs through vLLM's API server entry point, which is what
-`vllm serve` runs after parsing the same arguments. The `vllm` console script
-itself cannot start in this environment (see the tests at the end).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
+from serve_helpers import (
+    VLLM_CLI,
+    free_port,
+    running_server,
+    sample,
+    sample_or_zero,
+    samples,
+    session_processes,
+)
 
-from tova_vllm.config import POLICY_ARG_HELP
+from tova_vllm.config import ENGINE_POLICIES, POLICY_ARG_HELP
 
 BUDGET = 48
-# The `vllm` console script of this environment, as a user runs it.
-VLLM_CLI = str(Path(sys.executable).with_name("vllm"))
-STARTUP_TIMEOUT_S = 300
+BLOCK_SIZE = 16  # the plugin's default with a policy
 STARTUP_LINE = f"tova-vllm: KV eviction policy 'tova' with a budget of {BUDGET} tokens per layer per sequence."
 MAX_TOKENS = 40
 
@@ -43,90 +42,11 @@ PROMPT = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, ProcessLookupError):
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                found.append(p)
-    return found
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-
-
-@dataclasses.dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-    model: str
-
-    def client(self):
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", timeout=180, max_retries=0)
-
-    def stop(self, timeout: float = 90) -> list[psutil.Process]:
-        """terminate, wait, kill; returns the processes of its session still alive."""
-        family = _session_processes(self.proc.pid)
-        with contextlib.suppress(psutil.Error):
-            family += psutil.Process(self.proc.pid).children(recursive=True)
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        _, alive = psutil.wait_procs(family, timeout=30)
-        return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    cmd = [
-        VLLM_CLI, "serve", model_path,
-        "--kv-policy", "tova", "--kv-budget", str(BUDGET),
-        "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-        "--port", str(port), "--host", "127.0.0.1",
-    ]  # fmt: skip
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
-        )
-    srv = Server(proc=proc, url=f"http://127.0.0.1:{port}", log=log, model=model_path)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode} while starting:\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{srv.url}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no /health after {STARTUP_TIMEOUT_S} s:\n{_tail(log)}")
-            time.sleep(2)
+    with running_server(model_path, log, "--kv-policy", "tova", "--kv-budget", str(BUDGET)) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -226,17 +146,6 @@ def test_chat_streaming(server):
     assert "".join(pieces).strip()
 
 
-def _metrics(server) -> str:
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as r:
-        return r.read().decode()
-
-
-def _sample(text: str, name: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
-    assert len(values) == 1, (name, values)
-    return values[0]
-
-
 def _info_label(text: str, name: str, label: str) -> int:
     match = re.search(name + r"\{[^}]*\b" + label + r'="(\d+)"', text)
     assert match, (name, label)
@@ -247,7 +156,7 @@ def test_a_growing_request_keeps_at_most_the_budget(server):
     """Black-box: while one request streams far past the budget, the server's
     own metrics show its KV cache holding fewer slots than its tokens, and no
     more blocks than budget + 1 slots need."""
-    text = _metrics(server)
+    text = server.metrics()
     num_blocks = _info_label(text, "vllm:cache_config_info", "num_gpu_blocks")
     block_size = _info_label(text, "vllm:cache_config_info", "block_size")
     cap = -(-(BUDGET + 1) // block_size)
@@ -268,10 +177,10 @@ def test_a_growing_request_keeps_at_most_the_budget(server):
             continue
         chunks += 1  # a chunk carries at least one token
         if chunks in (60, 120):
-            text = _metrics(server)
-            assert _sample(text, "vllm:num_requests_running") == 1
+            text = server.metrics()
+            assert sample(text, "vllm:num_requests_running") == 1
             # vLLM's usage is the share of the pool (less its null block) in use.
-            used = round(_sample(text, "vllm:kv_cache_usage_perc") * (num_blocks - 1))
+            used = round(sample(text, "vllm:kv_cache_usage_perc") * (num_blocks - 1))
             samples.append((chunks, used))
     assert usage is not None and usage.completion_tokens == 240
     assert len(samples) == 2
@@ -293,13 +202,213 @@ def test_identical_greedy_requests_give_identical_text(server):
     assert texts[0] == texts[1]
 
 
+def _complete(server, prompt=PROMPT, max_tokens=MAX_TOKENS, **extra):
+    return server.client().completions.create(
+        model=server.model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=extra.pop("temperature", 0.0),
+        extra_body={"ignore_eos": True, **extra.pop("extra_body", {})},
+        **extra,
+    )
+
+
+def test_n_samples(server):
+    resp = _complete(server, max_tokens=24, n=3, temperature=1.0, seed=7)
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2]
+    assert all(c.text.strip() for c in resp.choices), resp
+    assert resp.usage.completion_tokens == 3 * 24
+    assert resp.usage.prompt_tokens + 24 > BUDGET
+    assert len({c.text for c in resp.choices}) > 1, "three samples at temperature 1 came out identical"
+
+
+def test_stop_string_cuts_the_greedy_text(server):
+    whole = _complete(server).choices[0].text
+    stop = next(w for w in re.findall(r"[A-Za-z]{4,}", whole) if whole.index(w) >= 20)
+    resp = _complete(server, stop=[stop])
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.choices[0].text == whole[: whole.index(stop)]
+
+
+def test_logprobs(server):
+    resp = _complete(server, max_tokens=24, logprobs=3)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 24
+    assert resp.usage.prompt_tokens + 24 > BUDGET
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and len(top) >= 3
+        assert chosen == pytest.approx(max(top.values()), abs=1e-4)  # greedy takes the top token
+    chat = server.client().chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "Describe a harbour at dawn in three sentences."}],
+        max_tokens=24,
+        temperature=0.0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 24
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_concurrent_clients_get_their_sequential_answers(server):
+    prompts = [PROMPT, PROMPT + " were", "Once upon a time, in a small village by the sea,"]
+    alone = [_complete(server, p).choices[0].text for p in prompts]
+    jobs = [prompts[i % len(prompts)] for i in range(6)]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # one client (connection pool) per thread
+        together = list(pool.map(lambda p: _complete(server, p).choices[0].text, jobs))
+    assert together == [alone[i % len(prompts)] for i in range(6)]
+
+
+def _policy_delta(before: str, after: str, policy: str) -> dict[str, float]:
+    names = ("requests", "tokens_evicted", "kv_blocks_held", "kv_blocks_without_eviction")
+    return {
+        n: sample_or_zero(after, f"tova_vllm:{n}_total", policy=policy)
+        - sample_or_zero(before, f"tova_vllm:{n}_total", policy=policy)
+        for n in names
+    }
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def test_request_budget_caps_its_blocks(server):
+    """vllm_xargs.kv_budget=16: the request holds ceil(17 / 16) = 2 blocks at
+    the end instead of the server budget's ceil(49 / 16) = 4."""
+    for budget in (16, BUDGET):
+        before = server.metrics()
+        resp = _complete(server, extra_body={"vllm_xargs": {"kv_budget": budget}})
+        after = server.metrics()
+        tokens = resp.usage.prompt_tokens + resp.usage.completion_tokens
+        d = _policy_delta(before, after, "tova")
+        assert d["requests"] == 1, d
+        assert d["kv_blocks_held"] == _cdiv(budget + 1, BLOCK_SIZE), (budget, d)
+        # The last sampled token's KV is never computed.
+        assert d["kv_blocks_without_eviction"] in {_cdiv(tokens - 1, BLOCK_SIZE), _cdiv(tokens, BLOCK_SIZE)}, d
+        assert tokens - 1 - budget <= d["tokens_evicted"] <= tokens - budget, (tokens, d)
+
+
+def test_request_policy_and_prompt_mode(server):
+    """A request may run another policy (counted under its own name) and
+    stream its prompt through the cache."""
+    before = server.metrics()
+    window = _complete(server, extra_body={"vllm_xargs": {"kv_policy": "window", "kv_budget": 24}})
+    streamed = _complete(server, extra_body={"vllm_xargs": {"kv_prompt_mode": "stream", "kv_budget": 16}})
+    after = server.metrics()
+    assert window.choices[0].text.strip() and streamed.choices[0].text.strip()
+    w = _policy_delta(before, after, "window")
+    assert w["requests"] == 1 and w["kv_blocks_held"] == _cdiv(25, BLOCK_SIZE), w
+    t = _policy_delta(before, after, "tova")
+    assert t["requests"] == 1 and t["kv_blocks_held"] == _cdiv(17, BLOCK_SIZE), t
+
+
+BAD_XARGS = [
+    ({"kv_budget": BUDGET + 1}, "kv_budget", f"[1, {BUDGET}]"),
+    ({"kv_budget": 0}, "kv_budget", f"[1, {BUDGET}]"),
+    ({"kv_budget": "16"}, "kv_budget", f"[1, {BUDGET}]"),
+    ({"kv_policy": "lru"}, "kv_policy", ", ".join(ENGINE_POLICIES)),
+    ({"kv_prompt_mode": "chunked"}, "kv_prompt_mode", "bulk, stream"),
+    ({"kv_policy": "tova", "kv_num_sinks": 2}, "kv_num_sinks", "sink"),
+]
+
+
+def test_bad_request_settings_get_400_and_others_carry_on(server):
+    import openai
+
+    alone = _complete(server, max_tokens=120).choices[0].text
+    first_chunk = threading.Event()
+
+    def stream_it() -> str:
+        pieces = []
+        stream = server.client().completions.create(
+            model=server.model,
+            prompt=PROMPT,
+            max_tokens=120,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].text)
+                first_chunk.set()
+        return "".join(pieces)
+
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(stream_it)
+        assert first_chunk.wait(120), "the stream did not start"
+        client = server.client()
+        for xargs, field, allowed in BAD_XARGS:
+            with pytest.raises(openai.BadRequestError) as err:
+                client.completions.create(
+                    model=server.model, prompt="Hello", max_tokens=4, extra_body={"vllm_xargs": xargs}
+                )
+            message = str(err.value)
+            assert err.value.status_code == 400
+            assert f"vllm_xargs.{field}" in message and allowed in message, message
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=server.model,
+                messages=[{"role": "user", "content": "Hello"}],
+                max_tokens=4,
+                extra_body={"vllm_xargs": {"kv_budget": 1000}},
+            )
+        assert err.value.status_code == 400 and "vllm_xargs.kv_budget" in str(err.value)
+        assert not streaming.done(), "the stream ended before the bad requests were sent"
+        assert streaming.result(timeout=300) == alone
+    assert server.get("/health")[0] == 200
+
+
+def test_metrics_expose_the_policy_counters(server):
+    text = server.metrics()
+    labels = {"policy": "tova", "model_name": server.model, "engine": "0"}
+    for name in ("requests", "tokens_evicted", "kv_blocks_held", "kv_blocks_without_eviction"):
+        assert f"# TYPE tova_vllm:{name}_total counter" in text
+        assert f"# HELP tova_vllm:{name}_total " in text
+    requests = sample(text, "tova_vllm:requests_total", **labels)
+    evicted = sample(text, "tova_vllm:tokens_evicted_total", **labels)
+    held = sample(text, "tova_vllm:kv_blocks_held_total", **labels)
+    without = sample(text, "tova_vllm:kv_blocks_without_eviction_total", **labels)
+    # Every earlier test of this module sent requests past the budget.
+    assert requests >= 10 and evicted > 0 and 0 < held < without, (requests, evicted, held, without)
+    gauges = {"model_name": server.model, "engine": "0"}
+    free = sample(text, "tova_vllm:kv_cache_free_blocks", **gauges)
+    total = sample(text, "tova_vllm:kv_cache_blocks", **gauges)
+    assert free == total - 1 == _info_label(text, "vllm:cache_config_info", "num_gpu_blocks") - 1  # idle
+    assert sample(text, "tova_vllm:kv_cache_requests", **gauges) == 0
+    # Policies no request used have no series.
+    assert {lab["policy"] for lab, _ in samples(text, "tova_vllm:requests_total")} <= set(ENGINE_POLICIES)
+
+
+def test_no_tova_metrics_without_a_policy():
+    """vLLM's own /metrics wiring (the patched attach_router) with `vllm serve`'s
+    parsed arguments: no policy, nothing added; a policy, the refresh hook."""
+    from fastapi import FastAPI
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.instrumentator import metrics as vllm_metrics
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from tova_vllm import metrics, plugin
+
+    plugin.register()
+    parser = make_arg_parser(FlexibleArgumentParser())
+    for argv, expect in (([], False), (["--kv-policy", "tova", "--kv-budget", "16"], True)):
+        app = FastAPI()
+        app.state.args = parser.parse_args(argv)
+        vllm_metrics.attach_router(app)
+        added = any(m.cls is metrics.RefreshBeforeScrape for m in app.user_middleware)
+        assert added == expect, argv
+
+
 def test_server_stops_and_leaves_no_process(server):
-    family = _session_processes(server.proc.pid)
+    family = session_processes(server.proc.pid)
     assert len(family) >= 2, "expected the API server and its engine core"
     alive = server.stop()
     assert server.proc.returncode is not None
     assert alive == [], [p.cmdline() for p in alive]
-    assert _session_processes(server.proc.pid) == []
+    assert session_processes(server.proc.pid) == []
 
 
 # ---------------------------------------------------------------------------
@@ -311,14 +420,15 @@ def test_server_stops_and_leaves_no_process(server):
 
 def test_vllm_serve_rejects_an_unknown_policy(model_path):
     out = subprocess.run(
-        [VLLM_CLI, "serve", model_path, "--kv-policy", "foo", "--kv-budget", "16", "--port", str(_free_port())],
+        [VLLM_CLI, "serve", model_path, "--kv-policy", "foo", "--kv-budget", "16", "--port", str(free_port())],
         capture_output=True,
         text=True,
         timeout=240,
         env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
     )
     assert out.returncode != 0
-    assert "PolicyConfigError: kv_policy must be one of tova; got 'foo'" in out.stdout + out.stderr, (
+    expected = f"PolicyConfigError: kv_policy must be one of {', '.join(ENGINE_POLICIES)}; got 'foo'"
+    assert expected in out.stdout + out.stderr, (
         (out.stdout + out.stderr)[-3000:]
     )
 
@@ -336,4 +446,4 @@ def test_engine_args_take_the_policy_right_after_import(model_path):
     assert out.returncode == 0, out.stderr[-3000:]
     kind, msg = json.loads(out.stdout.strip().splitlines()[-1])
     assert kind == "PolicyConfigError", msg
-    assert "kv_policy" in msg and "one of tova" in msg
+    assert "kv_policy" in msg and f"one of {', '.join(ENGINE_POLICIES)}" in msg
