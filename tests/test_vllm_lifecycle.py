@@ -102,9 +102,14 @@ def _num_preemptions(llm) -> float:
 def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, chat_prompts, llm):
     """A pool too small for every request's cap forces preemption (recompute)."""
     tok = llm.get_tokenizer()
-    # Five prompts of 33 to 48 tokens (3 blocks each), growing past the budget.
+    # Five prompts of 33 to 48 tokens (3 blocks each), growing past the budget;
+    # four policies (per request), so every policy's recompute is checked.
     prompts = _ids(tok, chat_prompts[:5])
-    params = SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True, extra_args=extra)
+        for extra in (None, {"kv_policy": "h2o"}, {"kv_policy": "window"}, {"kv_policy": "sink"},
+                      {"kv_policy": "h2o", "kv_budget": 60})
+    ]
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     # Three requests fit at admission, then they grow towards their cap and
     # the scheduler must preempt.
@@ -117,3 +122,66 @@ def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, 
         assert _num_preemptions(small) > 0, "the small pool did not force a preemption"
         assert _idle(small)["num_free_blocks"] == free0
     assert got == expected
+
+
+def test_per_request_policy_and_budget_cap_blocks_and_count(llm, chat_prompts):
+    """A request's own (smaller) budget caps its blocks; the per-policy
+    counters count finished requests, evicted tokens and blocks."""
+    tok = llm.get_tokenizer()
+    before = engine_kv_state(llm)["stats"]
+    prompts = _ids(tok, chat_prompts[-3:])  # 83, 132 and 214 tokens
+    budget = 40
+    params = SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True, extra_args={"kv_policy": "window", "kv_budget": budget}
+    )
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    after = _idle(llm)["stats"]
+    for out in outs:
+        assert blocks_at_release(llm, out.request_id) == -(-(budget + 1) // BLOCK)
+    old = before.get("window", dict.fromkeys(("requests", "tokens_evicted", "blocks_held", "blocks_without_eviction"), 0))
+    new = after["window"]
+    computed = [len(o.prompt_token_ids) + 12 - 1 for o in outs]
+    assert new["requests"] - old["requests"] == 3
+    assert new["tokens_evicted"] - old["tokens_evicted"] == sum(n - budget for n in computed)
+    assert new["blocks_held"] - old["blocks_held"] == 3 * -(-(budget + 1) // BLOCK)
+    assert new["blocks_without_eviction"] - old["blocks_without_eviction"] == sum(-(-n // BLOCK) for n in computed)
+
+
+def test_streamed_prompt_never_holds_more_than_its_cap(llm, chat_prompts):
+    """kv_prompt_mode=stream: every prompt token is evicted for as it comes,
+    so even a long prompt's request never holds more than its cap."""
+    engine = llm.llm_engine
+    prompt = _ids(llm.get_tokenizer(), chat_prompts[-1:])[0]  # 214 tokens
+    budget = 30
+    params = SamplingParams(
+        max_tokens=4, prompt_logprobs=0, extra_args={"kv_budget": budget, "kv_prompt_mode": "stream"}
+    )
+    engine.add_request("stream-0", prompt, params)
+    peak = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        peak = max(peak, *engine_kv_state(llm)["blocks_per_running_request"].values(), 0)
+    assert 0 < peak <= -(-(budget + 1) // BLOCK)
+    _idle(llm)
+
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        ({"kv_budget": BUDGET + 1}, "vllm_xargs.kv_budget"),
+        ({"kv_budget": 0}, "vllm_xargs.kv_budget"),
+        ({"kv_policy": "lru"}, "vllm_xargs.kv_policy"),
+        ({"kv_policy": "tova", "kv_num_sinks": 2}, "vllm_xargs.kv_num_sinks"),
+        ({"kv_policy": "h2o", "kv_h2o_recent_ratio": 1.5}, "vllm_xargs.kv_h2o_recent_ratio"),
+        ({"kv_prompt_mode": "lazy"}, "vllm_xargs.kv_prompt_mode"),
+    ],
+)
+def test_bad_per_request_settings_are_refused_and_the_engine_keeps_serving(llm, extra, field):
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match=field.replace(".", r"\.")) as info:
+        llm.generate(["Hello"], SamplingParams(max_tokens=2, extra_args=extra), use_tqdm=False)
+    assert info.value.parameter == field
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+    _idle(llm)

@@ -93,5 +93,8 @@ def prepare_vllm_config(vllm_config: Any) -> None:
         "sequence%s.",
         policy.name,
         policy.budget,
-        f" ({policy.num_sinks} sinks)" if policy.name == "sink" else "",
+        {
+            "sink": f" ({policy.num_sinks} sinks)",
+            "h2o": f" ({policy.h2o_recent} recent, {policy.budget - policy.h2o_recent} heavy hitters)",
+        }.get(policy.name, ""),
     )

@@ -30,6 +30,15 @@ class TovaAttentionSpec(AttentionSpec):
 
     kv_budget: int
     kv_policy: str = "tova"
+    kv_num_sinks: int = 4
+    kv_h2o_recent_ratio: float = 0.5
+
+    @property
+    def engine_policy(self):
+        """The engine's `PolicyConfig` (requests may override it)."""
+        from tova_vllm.policies import PolicyConfig
+
+        return PolicyConfig(self.kv_policy, self.kv_budget, self.kv_num_sinks, self.kv_h2o_recent_ratio)
 
     @property
     def cap_tokens(self) -> int:
@@ -59,9 +68,24 @@ class TovaAttentionSpec(AttentionSpec):
         return all(spec == self for spec in kv_cache_specs.values())
 
 
+@dataclass
+class PolicyStats:
+    """Cumulative counters of the requests that finished with one policy."""
+
+    requests: int = 0
+    # Tokens each request dropped from its cache (per layer: every layer drops
+    # the same number), summed over requests.
+    tokens_evicted: int = 0
+    # Blocks the requests held when they finished, and the blocks the same
+    # requests would have held without eviction (one slot per token).
+    blocks_held: int = 0
+    blocks_without_eviction: int = 0
+
+
 class TovaKVCacheManager(SingleTypeKVCacheManager):
-    """Allocates at most ``max(prompt, budget + 1)`` slots per request and frees
-    the prompt's extra blocks once the prompt is processed. No prefix caching."""
+    """Allocates at most ``max(prompt, budget + 1)`` slots per request (the
+    request's own budget, see `tova_vllm.config.request_policy`) and frees the
+    prompt's extra blocks once the prompt is processed. No prefix caching."""
 
     supports_fine_grained_hash_lookup: ClassVar[bool] = False
 
@@ -69,28 +93,52 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.cap_tokens = kv_cache_spec.cap_tokens
         self.cap_blocks = cdiv(self.cap_tokens, self.block_size)
+        # Per running request, told by the kv_cache_manager seam before each
+        # allocation: its budget + 1, whether its prompt is streamed, its policy.
+        self._cap: dict[str, int] = {}
+        self._stream: set[str] = set()
+        self._policy_name: dict[str, str] = {}
         # Prompt length per running request, learnt from remove_skipped_blocks,
         # which the scheduler calls before every allocation of a step.
         self._prompt_len: dict[str, int] = {}
         # Running requests whose prompt the worker has reduced (processed).
         self._reduced: set[str] = set()
+        # Set by the seam just before a request's blocks are freed: whether it
+        # finished (else preempted) and the tokens whose KV it computed.
+        self._releasing: dict[str, tuple[bool, int]] = {}
         # Blocks each request held when it was last freed (finished, aborted or
         # preempted); bounded, for inspection (tova_vllm.inspect) and metrics.
         self.blocks_at_release: OrderedDict[str, int] = OrderedDict()
+        self.stats: dict[str, PolicyStats] = {}
 
     @property
     def has_positionally_stable_blocks(self) -> bool:
         return False
 
+    def note_request(self, request_id: str, budget: int, policy: str, stream_prompt: bool) -> None:
+        """The request's own settings (`tova_vllm.config.RequestPolicy`)."""
+        self._cap[request_id] = min(budget + 1, self.cap_tokens)
+        self._policy_name[request_id] = policy
+        if stream_prompt:
+            self._stream.add(request_id)
+
+    def note_release(self, request_id: str, finished: bool, num_computed_tokens: int) -> None:
+        self._releasing[request_id] = (finished, num_computed_tokens)
+
+    def cap_of(self, request_id: str) -> int:
+        return self._cap.get(request_id, self.cap_tokens)
+
     def slots_needed(self, request_id: str, num_tokens: int, prompt_len: int | None = None) -> int:
         """Slots for ``num_tokens`` tokens: the prompt's while it is being
-        prefilled (also when a preempted request recomputes prompt + output in
-        one chunk), the cap once the prompt is processed."""
-        if request_id in self._reduced:
-            return min(num_tokens, self.cap_tokens)
+        prefilled in bulk (also when a preempted request recomputes prompt +
+        output in one chunk), the cap once the prompt is processed or when it
+        is streamed (each prompt token is then evicted for like a decode)."""
+        cap = self.cap_of(request_id)
+        if request_id in self._reduced or request_id in self._stream:
+            return min(num_tokens, cap)
         if prompt_len is None:
             prompt_len = self._prompt_len.get(request_id, num_tokens)
-        return min(num_tokens, max(prompt_len, self.cap_tokens))
+        return min(num_tokens, max(prompt_len, cap))
 
     def get_num_blocks_to_allocate(
         self,
@@ -125,20 +173,33 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
             return
         # The worker has reduced the prompt to the budget: free the tail.
         self._reduced.add(request_id)
+        cap_blocks = cdiv(self.cap_of(request_id), self.block_size)
         blocks = self.req_to_blocks.get(request_id)
-        if blocks and len(blocks) > self.cap_blocks:
-            freed = blocks[self.cap_blocks :]
-            del blocks[self.cap_blocks :]
+        if blocks and len(blocks) > cap_blocks:
+            freed = blocks[cap_blocks:]
+            del blocks[cap_blocks:]
             self.block_pool.free_blocks(reversed(freed))
 
     def pop_blocks_for_free(self, request_id: str):
-        self._prompt_len.pop(request_id, None)
+        cap = self.cap_of(request_id)
+        policy = self._policy_name.pop(request_id, self.kv_cache_spec.kv_policy)
+        for state in (self._prompt_len, self._cap):
+            state.pop(request_id, None)
         self._reduced.discard(request_id)
+        self._stream.discard(request_id)
         blocks = super().pop_blocks_for_free(request_id)
-        self.blocks_at_release[request_id] = len(blocks)
+        held = len(blocks)
+        self.blocks_at_release[request_id] = held
         self.blocks_at_release.move_to_end(request_id)
         while len(self.blocks_at_release) > _MAX_RELEASED_RECORDS:
             self.blocks_at_release.popitem(last=False)
+        finished, tokens = self._releasing.pop(request_id, (False, 0))
+        if finished:
+            stats = self.stats.setdefault(policy, PolicyStats())
+            stats.requests += 1
+            stats.tokens_evicted += max(tokens - (cap - 1), 0)
+            stats.blocks_held += held
+            stats.blocks_without_eviction += cdiv(tokens, self.block_size)
         return blocks
 
     @classmethod

@@ -15,6 +15,12 @@ seams to vLLM itself). Each checks its target's shape and raises
   from the platform-plugin hook)
 * `engine_core`: adds ``EngineCore.tova_kv_state`` for block inspection.
   (engine core)
+* `kv_cache_manager`: each request's own budget and policy, and how it ended,
+  for the TOVA block managers. (engine core)
+* `request_params`: per-request settings (``vllm_xargs``) validated with vLLM's
+  request validation (HTTP 400). (API process)
+* `metrics_route`: /metrics exports the policies' counters (tova_vllm.metrics),
+  fetched from the engine core before each scrape. (API process)
 """
 
 from __future__ import annotations
@@ -25,9 +31,20 @@ __all__ = ["SUPPORTED_VLLM", "SeamError", "apply_all", "check_vllm_version"]
 
 
 def apply_all() -> None:
-    from tova_vllm.patch import attention_selector, engine_args, engine_core, model_runner
+    from tova_vllm.patch import (
+        attention_selector,
+        engine_args,
+        engine_core,
+        kv_cache_manager,
+        metrics_route,
+        model_runner,
+        request_params,
+    )
 
     engine_args.apply()
     attention_selector.apply()
     model_runner.apply()
     engine_core.apply()
+    kv_cache_manager.apply()
+    request_params.apply()
+    metrics_route.apply()

@@ -3,12 +3,13 @@
 Replaces, on ``vllm.engine.arg_utils.EngineArgs`` (and ``AsyncEngineArgs``):
 
 * ``__init__``: accepts the policy keyword arguments (``kv_policy``,
-  ``kv_budget``) (so ``LLM(model, kv_policy="tova",
+  ``kv_budget``, ``kv_num_sinks``, ``kv_h2o_recent_ratio``) (so ``LLM(model, kv_policy="tova",
   kv_budget=512)`` works: LLM passes unknown keywords to EngineArgs, whose
   dataclass ``__init__`` would reject them), folds them into
   ``additional_config`` and validates, so bad input fails before any process
   starts.
-* ``add_cli_args``: adds ``--kv-policy`` and ``--kv-budget``, with help text, to
+* ``add_cli_args``: adds ``--kv-policy``, ``--kv-budget``, ``--kv-num-sinks`` and
+  ``--kv-h2o-recent-ratio``, with help text, to
   ``vllm serve`` and every CLI that builds engine arguments.
 * ``from_cli_args``: folds those flags into ``additional_config``.
 * ``create_engine_config``: checks the model is one the policy can handle,
@@ -27,6 +28,8 @@ from typing import Any
 
 from tova_vllm.config import (
     KEY_BUDGET,
+    KEY_H2O_RECENT_RATIO,
+    KEY_NUM_SINKS,
     KEY_POLICY,
     POLICY_ARG_HELP,
     POLICY_KEYS,
@@ -85,6 +88,10 @@ def _patch_add_cli_args(engine_args_cls: type) -> None:
         )
         group.add_argument("--kv-policy", type=str, default=None, help=POLICY_ARG_HELP[KEY_POLICY])
         group.add_argument("--kv-budget", type=int, default=None, help=POLICY_ARG_HELP[KEY_BUDGET])
+        group.add_argument("--kv-num-sinks", type=int, default=None, help=POLICY_ARG_HELP[KEY_NUM_SINKS])
+        group.add_argument(
+            "--kv-h2o-recent-ratio", type=float, default=None, help=POLICY_ARG_HELP[KEY_H2O_RECENT_RATIO]
+        )
         return parser
 
     _seam.replace(engine_args_cls, "add_cli_args", original, add_cli_args, kind="staticmethod")
@@ -97,7 +104,7 @@ def _patch_from_cli_args(engine_args_cls: type) -> None:
 
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original(cls, args)
-        _fold(engine_args, {key: getattr(args, key, None) for key in (KEY_POLICY, KEY_BUDGET)})
+        _fold(engine_args, {key: getattr(args, key, None) for key in POLICY_KEYS})
         return engine_args
 
     _seam.replace(engine_args_cls, "from_cli_args", original, from_cli_args, kind="classmethod")

@@ -4,8 +4,9 @@ Adds one method, ``EngineCore.tova_kv_state``, which vLLM's existing utility
 call mechanism (``engine_core.call_utility(name)``, used by LLM and the API
 server for their own queries) can reach from the process that runs the
 engine. It reads the scheduler's block pool and the TOVA managers: free and
-total blocks, blocks per running request, and what finished requests held at
-their end. Nothing existing is replaced.
+total blocks, blocks per running request, what finished requests held at
+their end, and per-policy counters (requests, tokens evicted, blocks held vs
+without eviction). Nothing existing is replaced.
 
 Upstream change that would retire it: per-request KV block counts in
 SchedulerStats / RequestOutput (see patches/).
@@ -40,8 +41,13 @@ def kv_state(engine_core: Any) -> dict[str, Any]:
         for req_id, blocks in manager.req_to_blocks.items():
             running[req_id] = running.get(req_id, 0) + sum(not b.is_null for b in blocks)
     finished: dict[str, int] = {}
+    stats: dict[str, dict[str, int]] = {}
     for manager in tova:
         finished.update(manager.blocks_at_release)
+        for policy, counters in manager.stats.items():
+            merged = stats.setdefault(policy, dict.fromkeys(vars(counters), 0))
+            for key, value in vars(counters).items():
+                merged[key] += value
     return {
         "num_free_blocks": pool.get_num_free_blocks(),
         "num_blocks": pool.num_gpu_blocks,
@@ -56,6 +62,9 @@ def kv_state(engine_core: Any) -> dict[str, Any]:
             None,
         ),
         "policy_groups": len(tova),
+        # Per policy, over finished requests (see kv_spec.PolicyStats); with
+        # several KV cache groups, summed over the groups.
+        "stats": stats,
     }
 
 

@@ -1,0 +1,91 @@
+"""Seam: the scheduler's KV cache manager tells the TOVA managers about each
+request.
+
+Wraps three methods of ``vllm.v1.core.kv_cache_manager.KVCacheManager``, the
+only place on the scheduler side that sees both the ``Request`` (its sampling
+params, its state) and the per-type managers, which get request ids only:
+
+* ``allocate_slots``: before a request's first allocation (again after a
+  preemption), its own policy and budget (``SamplingParams.extra_args``,
+  `tova_vllm.config.request_policy`), so its blocks are capped at its budget.
+* ``free`` and ``pop_blocks_for_free``: whether the request finished (counted
+  in the per-policy stats) or was preempted, and its computed tokens.
+
+Upstream change that would retire it: the ``Request`` (or its sampling params)
+passed to ``SingleTypeKVCacheManager`` allocation and free (see patches/).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.logger import init_logger
+
+from tova_vllm.patch import _seam
+
+logger = init_logger(f"vllm.{__name__}")
+
+SEAM = "kv_cache_manager"
+
+
+def tova_managers(kv_cache_manager: Any) -> list:
+    from tova_vllm.kv_spec import TovaKVCacheManager
+
+    try:
+        managers = kv_cache_manager.coordinator.single_type_managers
+    except AttributeError as e:
+        raise _seam.SeamError(
+            f"tova-vllm seam '{SEAM}': KVCacheManager has no coordinator.single_type_managers "
+            f"({e}); written for {_seam.SUPPORTED_VLLM_TEXT}."
+        ) from e
+    return [m for m in managers if isinstance(m, TovaKVCacheManager)]
+
+
+def _note_request(managers: list, request: Any) -> None:
+    from tova_vllm.config import PolicyConfigError, RequestPolicy, request_policy
+
+    engine = managers[0].kv_cache_spec.engine_policy
+    params = request.sampling_params
+    try:
+        rp = request_policy(engine, params.extra_args if params is not None else None)
+    except PolicyConfigError as e:
+        # The API layer rejects such requests (request_params seam); a caller
+        # that bypasses it gets the engine's policy rather than a dead engine.
+        logger.error("tova-vllm: request %s: %s; using the engine's policy", request.request_id, e)
+        rp = RequestPolicy(engine)
+    for manager in managers:
+        manager.note_request(request.request_id, rp.policy.budget, rp.policy.name, rp.stream_prompt)
+
+
+def apply() -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    if _seam.is_applied(KVCacheManager, "allocate_slots"):
+        return
+    allocate = _seam.expect_callable(
+        KVCacheManager, "allocate_slots", ["self", "request", "num_new_tokens"], SEAM
+    )
+    free = _seam.expect_callable(KVCacheManager, "free", ["self", "request"], SEAM)
+    pop = _seam.expect_callable(KVCacheManager, "pop_blocks_for_free", ["self", "request"], SEAM)
+
+    def allocate_slots(self, request, *args, **kwargs):
+        managers = tova_managers(self)
+        if managers and request.request_id not in managers[0]._cap:
+            _note_request(managers, request)
+        return allocate(self, request, *args, **kwargs)
+
+    def _note_release(self, request) -> None:
+        for manager in tova_managers(self):
+            manager.note_release(request.request_id, request.is_finished(), request.num_computed_tokens)
+
+    def free_(self, request):
+        _note_release(self, request)
+        return free(self, request)
+
+    def pop_blocks_for_free(self, request):
+        _note_release(self, request)
+        return pop(self, request)
+
+    _seam.replace(KVCacheManager, "allocate_slots", allocate, allocate_slots)
+    _seam.replace(KVCacheManager, "free", free, free_)
+    _seam.replace(KVCacheManager, "pop_blocks_for_free", pop, pop_blocks_for_free)

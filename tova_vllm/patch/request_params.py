@@ -1,0 +1,61 @@
+"""Seam: per-request policy settings are validated where vLLM validates every
+request, so a bad value is an HTTP 400 (offline: a ValueError from
+``LLM.generate``) that names the field, and no engine process ever sees it.
+
+Wraps ``vllm.v1.engine.input_processor.InputProcessor._validate_params``:
+after vLLM's own checks, the request's ``extra_args`` (``vllm_xargs`` in the
+OpenAI API) go through `tova_vllm.config.request_policy`. Requests without
+``kv_*`` keys pass untouched; on an engine without a policy, ``kv_*`` keys are
+refused (they would otherwise be ignored silently).
+
+vLLM's extension point for this, a logits processor's ``validate_params``,
+was not used: entry-point logits processors load into every engine, stock
+ones included, and join their sampling step.
+
+Upstream change that would retire it: a plugin hook for request validation
+(see patches/).
+"""
+
+from __future__ import annotations
+
+from tova_vllm.patch import _seam
+
+SEAM = "request_params"
+
+_NO_POLICY = object()
+
+
+def validate_request(processor, params) -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from tova_vllm.config import PolicyConfigError, policy_from_vllm_config, request_policy
+
+    if not isinstance(params, SamplingParams):
+        return
+    engine = getattr(processor, "_tova_engine_policy", _NO_POLICY)
+    if engine is _NO_POLICY:
+        engine = policy_from_vllm_config(processor.vllm_config)
+        processor._tova_engine_policy = engine
+    try:
+        request_policy(engine, params.extra_args)
+    except PolicyConfigError as e:
+        field = str(e).split(" ", 1)[0]
+        raise VLLMValidationError(str(e), parameter=field) from None
+
+
+def apply() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if _seam.is_applied(InputProcessor, "_validate_params"):
+        return
+    original = _seam.expect_callable(
+        InputProcessor, "_validate_params", ["self", "params", "supported_tasks"], SEAM
+    )
+
+    def _validate_params(self, params, supported_tasks, *args, **kwargs):
+        result = original(self, params, supported_tasks, *args, **kwargs)
+        validate_request(self, params)
+        return result
+
+    _seam.replace(InputProcessor, "_validate_params", original, _validate_params)
