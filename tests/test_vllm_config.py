@@ -170,6 +170,25 @@ def test_budget_without_policy_names_both(model_path, way, nothing_started):
         assert name in msg, msg
 
 
+@pytest.mark.parametrize("way", ["kwargs", "additional_config"])
+@pytest.mark.parametrize(
+    "settings, names",
+    [
+        ({"kv_policy": "sink", "kv_budget": 16, "kv_num_sinks": 16}, ["kv_num_sinks", "[0, 15]", "16"]),
+        ({"kv_policy": "sink", "kv_budget": 16, "kv_num_sinks": -1}, ["kv_num_sinks", "[0, 15]", "-1"]),
+        ({"kv_policy": "tova", "kv_budget": 16, "kv_num_sinks": 2}, ["kv_num_sinks", "'sink' only"]),
+        ({"kv_policy": "h2o", "kv_budget": 16, "kv_h2o_recent_ratio": 1.0}, ["kv_h2o_recent_ratio", "(0, 1)", "1.0"]),
+        ({"kv_policy": "window", "kv_budget": 16, "kv_h2o_recent_ratio": 0.5}, ["kv_h2o_recent_ratio", "'h2o' only"]),
+    ],
+    ids=["sinks-too-many", "sinks-negative", "sinks-not-sink", "h2o-ratio-1", "ratio-not-h2o"],
+)
+def test_bad_policy_options_name_the_option_and_its_range(model_path, way, settings, names, nothing_started):
+    with pytest.raises(PolicyConfigError) as err:
+        LLM(model=model_path, **ENGINE_DEFAULTS, **_llm_kwargs(way, settings))
+    for name in names:
+        assert name in str(err.value), str(err.value)
+
+
 def test_a_setting_given_two_ways_must_agree(model_path, nothing_started):
     with pytest.raises(PolicyConfigError) as err:
         LLM(
@@ -193,8 +212,9 @@ def test_a_setting_given_two_ways_must_agree(model_path, nothing_started):
         (["--kv-policy", "foo", "--kv-budget", "16"], ["kv_policy", "'foo'", *POLICIES]),
         (["--kv-budget", "16"], ["kv_budget", "kv_policy", *POLICIES]),
         (["--additional-config", json.dumps({"kv_policy": "tova", "kv_budget": 0})], ["kv_budget", "positive integer"]),
+        (["--kv-policy", "sink", "--kv-budget", "16", "--kv-num-sinks", "20"], ["kv_num_sinks", "[0, 15]"]),
     ],
-    ids=["unknown-policy", "budget-without-policy", "additional-config-budget-0"],
+    ids=["unknown-policy", "budget-without-policy", "additional-config-budget-0", "sinks-over-budget"],
 )
 def test_server_cli_rejects_bad_flags_quickly(model_path, flags, names):
     cmd = [
