@@ -618,3 +618,21 @@ def test_without_a_policy_vllm_is_untouched(tmp_path, model_path):
         layers = run["worker"]["layers"]
         assert len(layers) == 30  # SmolLM2-135M's decoder layers
         assert set(map(tuple, layers.values())) == {("CPU_ATTN", "CPUAttentionBackendImpl")}
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "from vllm import SamplingParams\nfrom vllm.engine.arg_utils import EngineArgs",
+        "from vllm.engine.arg_utils import EngineArgs",
+        "import vllm\nfrom vllm import LLM\nfrom vllm.engine.arg_utils import EngineArgs",
+    ],
+    ids=["vllm-first", "arg-utils-first", "llm-first"],
+)
+def test_engine_args_take_policy_keywords_whatever_the_import_order(imports):
+    """A fresh interpreter, as a user's script: EngineArgs accepts kv_policy
+    however vLLM was imported (the early hook may run before arg_utils is)."""
+    code = imports + "\nprint(EngineArgs(model='x', kv_policy='tova', kv_budget=3).additional_config)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "{'kv_policy': 'tova', 'kv_budget': 3}" in proc.stdout

@@ -72,8 +72,10 @@ def _patch_when_arg_utils_returns() -> bool:
 
 
 class _AfterArgUtils(importlib.abc.MetaPathFinder):
-    """Applies the EngineArgs keyword patch at the first import that follows
-    the end of ``vllm.engine.arg_utils``'s own import. Finds nothing itself."""
+    """Applies the EngineArgs keyword patch as soon as ``vllm.engine.arg_utils``
+    exists: when that module is imported later, right after its body runs (its
+    loader is wrapped); when it is being imported now, at the first import
+    that follows. Finds nothing itself."""
 
     def find_spec(self, fullname, path=None, target=None):
         from tova_vllm.patch import engine_args
@@ -83,7 +85,28 @@ class _AfterArgUtils(importlib.abc.MetaPathFinder):
                 sys.meta_path.remove(self)
             except ValueError:
                 pass
+            return None
+        if fullname == "vllm.engine.arg_utils" and fullname not in sys.modules:
+            return self._patched_after_exec(fullname, path, target)
         return None
+
+    def _patched_after_exec(self, fullname, path, target):
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return None  # let the normal finders load it; a later import patches
+        exec_module = loader.exec_module
+
+        def exec_then_patch(module):
+            exec_module(module)
+            from tova_vllm.patch import engine_args
+
+            engine_args.apply_init_only()
+
+        loader.exec_module = exec_then_patch
+        return spec
 
 
 def early_hook() -> None:
