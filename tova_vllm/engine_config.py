@@ -40,6 +40,24 @@ def _unsupported_model_reason(vllm_config: Any) -> str | None:
     return None
 
 
+def h2o_unsupported_reason(vllm_config: Any) -> str | None:
+    """H2O scores each KV head by the mean over its query heads. When tensor
+    parallelism replicates KV heads (more ranks than KV heads), a rank holds
+    only part of a head's query group, so the ranks would score differently
+    from one device."""
+    try:
+        tp = vllm_config.parallel_config.tensor_parallel_size
+        kv_heads = vllm_config.model_config.get_total_num_kv_heads()
+    except AttributeError:
+        return None
+    if tp > kv_heads:
+        return (
+            f"kv_policy='h2o' needs tensor_parallel_size <= the model's KV heads "
+            f"({kv_heads}); got tensor_parallel_size={tp} (tova, window and sink work)"
+        )
+    return None
+
+
 def pin_v1_model_runner() -> None:
     """The TOVA builder learns prompt lengths from the V1 model runner
     (tova_vllm.patch.model_runner); CUDA defaults to Model Runner V2. Set
@@ -61,6 +79,8 @@ def prepare_vllm_config(vllm_config: Any) -> None:
             f"{vllm_config.model_config.model!r}: it uses {reason}; "
             f"kv_policy supports {SUPPORTED_ATTENTION}"
         )
+    if policy.name == "h2o" and (reason := h2o_unsupported_reason(vllm_config)):
+        raise PolicyConfigError(reason)
     if vllm_config.speculative_config is not None:
         raise PolicyConfigError(
             f"kv_policy={policy.name!r} does not support speculative decoding; "

@@ -38,10 +38,16 @@ def validate_request(processor, params) -> None:
         engine = policy_from_vllm_config(processor.vllm_config)
         processor._tova_engine_policy = engine
     try:
-        request_policy(engine, params.extra_args)
+        rp = request_policy(engine, params.extra_args)
     except PolicyConfigError as e:
         field = str(e).split(" ", 1)[0]
         raise VLLMValidationError(str(e), parameter=field) from None
+    if rp is not None and rp.policy.name == "h2o" and rp.policy.name != engine.name:
+        from tova_vllm.engine_config import h2o_unsupported_reason
+
+        reason = h2o_unsupported_reason(processor.vllm_config)
+        if reason:
+            raise VLLMValidationError(f"vllm_xargs.kv_policy: {reason}", parameter="vllm_xargs.kv_policy")
 
 
 def apply() -> None:
