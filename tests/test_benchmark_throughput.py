@@ -1,0 +1,92 @@
+"""Smoke test of the throughput benchmark: `python -m benchmarks.throughput
+--preset tiny` as a user runs it (real engines: stock, TOVA, ideal), then the
+JSON and PNG it promises. Speed itself is never asserted (see the README)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.throughput.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = PRESETS["tiny"]
+RUN_FIELDS = ("output_tok_per_s", "requests_per_s", "peak_running", "peak_kv_blocks",
+              "kv_blocks", "preemptions", "elapsed_s", "runs")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, model_path):
+    out = tmp_path_factory.mktemp("throughput")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--preset", "tiny", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out, proc.stdout, json.loads((out / "throughput.json").read_text())
+
+
+def test_prints_the_table(tiny_run):
+    _, stdout, result = tiny_run
+    assert "x stock" in stdout and "effic." in stdout
+    for budget in TINY.budgets:
+        assert f"tova b={budget}" in stdout and f"ideal b={budget}" in stdout
+    assert str(result["json"]) in stdout
+
+
+def test_json_has_the_promised_fields(tiny_run):
+    _, _, result = tiny_run
+    assert result["preset"] == "tiny"
+    s = result["settings"]
+    assert s["kv_tokens"] >= TINY.stock_full_seqs * TINY.seq_len
+    off = result["offline"]
+    assert [b["budget"] for b in off["budgets"]] == list(TINY.budgets)
+    for b in off["budgets"]:
+        assert b["evicts"] and 0 < b["budget_fraction"] < 1
+        for key in ("stock", "tova", "ideal"):
+            for field in RUN_FIELDS:
+                assert field in b[key], (key, field)
+        for key in ("ratio_vs_stock", "ideal_ratio_vs_stock", "efficiency"):
+            assert b[key] is not None and b[key] > 0, key
+
+
+def test_values_are_sane(tiny_run):
+    _, _, result = tiny_run
+    for b in result["offline"]["budgets"]:
+        stock, tova, ideal = b["stock"], b["tova"], b["ideal"]
+        for run in stock["runs"] + tova["runs"]:
+            assert run["output_tokens"] == TINY.num_requests * TINY.output_len
+            assert 1 <= run["peak_running"] <= TINY.max_num_seqs
+            assert 0 < run["peak_kv_blocks"] <= run["kv_blocks"]
+        cap_blocks = -(-(b["budget"] + 1) // TINY.block_size)
+        assert tova["kv_blocks"] == TINY.kv_tokens // TINY.block_size
+        # Capped at `cap_blocks` per sequence, TOVA never runs out of blocks:
+        # no preemption, and at most kv_blocks // cap_blocks sequences at once.
+        assert tova["preemptions"] == 0
+        assert tova["peak_running"] <= tova["kv_blocks"] // cap_blocks
+        # The ideal runs at TOVA's concurrency (its max_num_seqs), on sequences
+        # `budget` long, with room for them.
+        assert b["ideal_concurrency"] == tova["runs"][0]["peak_running"]
+        assert ideal["peak_running"] <= b["ideal_concurrency"]
+        assert ideal["kv_blocks"] == b["ideal_concurrency"] * -(-b["budget"] // TINY.stock_block_size)
+        assert ideal["preemptions"] == 0
+        w = b["ideal_workload"]
+        assert w["prompt_len"] + w["output_len"] == b["budget"]
+        assert b["ratio_vs_stock"] == pytest.approx(
+            tova["output_tok_per_s"] / stock["output_tok_per_s"], rel=1e-2)
+        assert b["efficiency"] == pytest.approx(
+            tova["output_tok_per_s"] / ideal["output_tok_per_s"], rel=1e-2)
+
+
+def test_writes_the_plot(tiny_run):
+    out, _, result = tiny_run
+    png = Path(result["png"])
+    assert png.parent == out
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
