@@ -246,7 +246,10 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             live = set(req_ids)
             self._policies = {k: v for k, v in self._policies.items() if k in live}
         num_prompt = self.runner.input_batch.num_prompt_tokens_cpu_tensor[:n].tolist()
-        num_prompt = [0 if rp.stream_prompt else p for rp, p in zip(rps, num_prompt)]
+        # A streamed prompt's first `budget` tokens evict nothing: one causal
+        # pass computes them exactly as token-by-token would (the reference's
+        # score_nll does the same).
+        num_prompt = [min(p, rp.policy.budget) if rp.stream_prompt else p for rp, p in zip(rps, num_prompt)]
         bulk_rows, sequential = [], []  # (row, first token index, its position, count)
         for r in range(n):
             q_len, first = query_start[r + 1] - query_start[r], num_computed[r]
@@ -257,10 +260,17 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
                 sequential.append((r, query_start[r] + n_bulk, first + n_bulk, q_len - n_bulk))
         block_table = cm.block_table_tensor[:n]
         num_waves = max((c for *_, c in sequential), default=0)
-        waves = [
-            self._decode_batch([(r, t + j, p + j) for r, t, p, c in sequential if c > j], rps, block_table)
-            for j in range(num_waves)
-        ]
+        waves = []
+        for j in range(num_waves):
+            # Rows gather whole blocks up to the wave's longest row: bucket rows
+            # by their block count (powers of two) so a small budget is not
+            # padded to a large one.
+            buckets: dict[int, list] = {}
+            for r, t, p, c in sequential:
+                if c > j:
+                    nb = min(p + j, rps[r].policy.budget) // self.block_size + 1
+                    buckets.setdefault(nb.bit_length(), []).append((r, t + j, p + j))
+            waves.extend(self._decode_batch(entries, rps, block_table) for entries in buckets.values())
         return TovaMetadata(
             num_reqs=n,
             num_actual_tokens=cm.num_actual_tokens,
