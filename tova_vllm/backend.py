@@ -523,7 +523,6 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         if d.evict_rows.numel() == 0:
             return
         e_rows = d.evict_rows
-        pos = self._table_rows(self.slot_pos, d.blocks[e_rows])  # [E, Hkv, n]
         last = probs[e_rows].reshape(-1, self.num_heads, n)
         newest = d.position[e_rows]
         victim = torch.empty(e_rows.numel(), hkv, dtype=torch.long, device=probs.device)
@@ -531,7 +530,8 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
             pri = self._priority(
                 g.name,
                 last[g.rows],
-                pos[g.rows],
+                # Positions only for the policies that rank by them (not TOVA's hot path).
+                None if g.name == "tova" else self._table_rows(self.slot_pos, d.blocks[e_rows[g.rows]]),
                 None if score is None else score[e_rows[g.rows]],
                 newest[g.rows],
                 g.num_sinks,
