@@ -50,10 +50,32 @@ def _restore_interpret():
 _restore_interpret()
 
 
+def _interpret_language():
+    """Triton's own jit'd library functions (``tl.zeros``, ``tl.sum``, ...) are
+    built once, at triton's first import: plain `JITFunction`s, which an
+    interpreted kernel cannot call, when a module collected before this one
+    (one that imports vLLM) imported triton without TRITON_INTERPRET. Swap
+    interpreted twins in; returns what to put back."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    swapped = []
+    for module in (tl, tl.standard, tl.random):
+        for name, obj in list(vars(module).items()):
+            if type(obj) is JITFunction:
+                swapped.append((module, name, obj))
+                setattr(module, name, InterpretedFunction(obj.fn))
+    return swapped
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
     os.environ["TRITON_INTERPRET"] = "1"
+    swapped = _interpret_language()
     yield
+    for module, name, obj in swapped:
+        setattr(module, name, obj)
     _restore_interpret()
 
 
@@ -201,14 +223,14 @@ def _backend_decode(query, key, value, kv_cache, block_table, positions, budgets
     valid = torch.arange(nb * bs).unsqueeze(0) <= held.unsqueeze(1)
     wb = torch.gather(block_table.long(), 1, torch.div(held, bs, rounding_mode="floor").unsqueeze(1)).flatten()
     kv_cache[wb, :, held % bs, :] = torch.cat((key, value), dim=-1).to(kv_cache.dtype)
-    kv = kv_cache[blocks].transpose(1, 2).reshape(rows, hkv, -1, 2 * dim).to(query.dtype)
+    kv = kv_cache.transpose(0, 1)[:, blocks].flatten(2, 3).to(query.dtype)  # [Hkv, R, n, 2D]
     keys, values = kv[..., :dim], kv[..., dim:]
-    qg = query.view(rows, hkv, hq // hkv, dim)
+    qg = query.view(rows, hkv, hq // hkv, dim).transpose(0, 1)
     scores = torch.matmul(qg, keys.transpose(-1, -2)) * dim**-0.5
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    scores = scores.masked_fill(~valid[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    values = values.masked_fill(~valid[:, None, :, None], 0.0)
-    out = torch.matmul(probs.to(query.dtype), values).reshape(rows, hq, dim)
+    out = torch.matmul(probs.to(query.dtype), values).transpose(0, 1).reshape(rows, hq, dim)
+    probs = probs.transpose(0, 1)
     evict = torch.nonzero(held == budget_t).flatten()
     if evict.numel():
         pri = policies.head_average(probs[evict].reshape(evict.numel(), hq, -1))

@@ -139,7 +139,10 @@ class EvictGroup:
     step's decode rows) and their per-row options."""
 
     name: str
-    rows: torch.Tensor  # [E] rows of the DecodeBatch
+    rows: torch.Tensor  # [E] positions in the DecodeBatch's evict_rows
+    batch_rows: torch.Tensor  # [E] rows of the DecodeBatch
+    invalid: torch.Tensor  # [E, nb*bs] slots that do not compete
+    blocks: torch.Tensor | None  # [E, nb] the rows' blocks (policies that rank by position)
     num_sinks: torch.Tensor  # [E] sink
     recent: torch.Tensor  # [E] h2o: most recent positions protected
 
@@ -154,12 +157,15 @@ class DecodeBatch:
     write_block: torch.Tensor  # [R] where the new token goes: slot min(pos, k)
     write_off: torch.Tensor
     blocks: torch.Tensor  # [R, nb] each row's blocks holding slots 0..nb*bs-1
-    valid: torch.Tensor  # [R, nb*bs] the row's slots 0..min(pos, k)
+    invalid: torch.Tensor  # [R, nb*bs] slots past the row's 0..min(pos, k)
     evict_rows: torch.Tensor  # [E] rows (of R) that hold k + 1 slots: evict one
+    evict_blocks: torch.Tensor  # [E, nb] their blocks
     scratch_block: torch.Tensor  # [E] slot k of those rows
     scratch_off: torch.Tensor
     groups: list[EvictGroup]  # evict rows by policy, as positions in evict_rows
     h2o_rows: torch.Tensor | None  # [R_h] rows (of R) accumulating attention
+    h2o_write: tuple | None  # their new tokens' (block, offset)
+    h2o_index: tuple | None  # index of their slots into a [num_blocks, Hkv, bs] table
     # For the CUDA fast path (TOVA rows only): whole block-table rows, each
     # row's held slots and budget, and the largest budget (a host int).
     table: torch.Tensor  # [R, max_blocks]
@@ -197,6 +203,7 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
         self.engine_policy = kv_cache_spec.engine_policy
         # Bound by the model-runner seam: the runner's input batch holds each
         # request's prompt length, which CommonAttentionMetadata lacks, and its
@@ -306,32 +313,54 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         by_name: dict[str, list[int]] = {}
         for e, i in enumerate(evict_list):
             by_name.setdefault(rps[rows[i]].policy.name, []).append(e)
+        blocks = torch.gather(table, 1, block_idx)
+        invalid = slots > held.unsqueeze(1)
+        # Everything below is per wave, shared by all layers: index once here.
         groups = []
         for name, members in by_name.items():
             pols = [rps[rows[evict_list[e]]].policy for e in members]
+            batch_rows = torch.tensor([evict_list[e] for e in members], dtype=torch.long, device=device)
             groups.append(
                 EvictGroup(
                     name=name,
                     rows=torch.tensor(members, dtype=torch.long, device=device),
+                    batch_rows=batch_rows,
+                    invalid=invalid[batch_rows],
+                    blocks=None if name == "tova" else blocks[batch_rows],
                     num_sinks=torch.tensor([p.num_sinks for p in pols], device=device),
                     recent=torch.tensor([p.h2o_recent for p in pols], device=device),
                 )
             )
         h2o = [i for i, r in enumerate(rows) if rps[r].policy.name == "h2o"]
+        write_block = torch.gather(table, 1, torch.div(write, bs, rounding_mode="floor")).flatten()
+        write_off = (write % bs).flatten()
+        h2o_rows = h2o_write = h2o_index = None
+        if h2o:
+            h2o_rows = torch.tensor(h2o, dtype=torch.long, device=device)
+            h2o_write = (write_block[h2o_rows], write_off[h2o_rows])
+            blocks_h = blocks[h2o_rows]
+            h2o_index = (
+                blocks_h.repeat_interleave(bs, dim=1)[:, None, :],
+                torch.arange(self.num_kv_heads, device=device)[None, :, None],
+                torch.arange(bs, device=device).repeat(num_blocks)[None, None, :],
+            )
         return DecodeBatch(
             token_idx=torch.tensor([t for _, t, _ in entries], device=device),
             position=torch.tensor([p for _, _, p in entries], device=device),
-            write_block=torch.gather(table, 1, torch.div(write, bs, rounding_mode="floor")).flatten(),
-            write_off=(write % bs).flatten(),
-            blocks=torch.gather(table, 1, block_idx),
-            valid=slots <= held.unsqueeze(1),
+            write_block=write_block,
+            write_off=write_off,
+            blocks=blocks,
+            invalid=invalid,
             evict_rows=evict_rows,
+            evict_blocks=blocks[evict_rows],
             scratch_block=torch.gather(
                 table[evict_rows], 1, torch.div(scratch, bs, rounding_mode="floor")
             ).flatten(),
             scratch_off=(scratch % bs).flatten(),
             groups=groups,
-            h2o_rows=torch.tensor(h2o, dtype=torch.long, device=device) if h2o else None,
+            h2o_rows=h2o_rows,
+            h2o_write=h2o_write,
+            h2o_index=h2o_index,
             table=table,
             held=held,
             budget=torch.tensor(budget_list, device=device),
@@ -487,64 +516,59 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
             (key[d.token_idx], value[d.token_idx]), dim=-1
         ).to(kv_cache.dtype)
         self.slot_pos[d.write_block, :, d.write_off] = d.position.to(torch.int32).unsqueeze(1)
-        # Whole blocks (contiguous copies), then each row's slots 0..min(pos, k).
-        kv = kv_cache[d.blocks]  # [R, nb, Hkv, bs, 2D]
-        kv = kv.transpose(1, 2).reshape(rows, hkv, -1, kv.shape[-1]).to(q.dtype)
-        keys, values = kv[..., :dim], kv[..., dim:]  # [R, Hkv, n, D]
-        qg = q.view(rows, hkv, self.num_queries_per_kv, dim)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale  # [R, Hkv, G, n]
-        # where, not add: slots past a row's last may hold anything, even NaN.
-        scores = scores.masked_fill(~d.valid[:, None, None, :], float("-inf"))
+        # Whole blocks, KV heads first: one contiguous gather [Hkv, R, n, 2D]
+        # that the batched matmuls read in place (no transposed copy).
+        kv = kv_cache.transpose(0, 1)[:, d.blocks].flatten(2, 3).to(q.dtype)
+        keys, values = kv[..., :dim], kv[..., dim:]
+        qg = q.view(rows, hkv, self.num_queries_per_kv, dim).transpose(0, 1)  # [Hkv, R, G, D]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scale  # [Hkv, R, G, n]
+        # where, not add: slots past a row's last may hold anything. Their
+        # probability is then exactly 0, and 0 times their value adds nothing:
+        # vLLM zeroes the KV pool when it allocates it and every later write is
+        # a model's K/V, so no slot holds an inf or NaN to spoil the sum.
+        scores = scores.masked_fill(d.invalid[None, :, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        values = values.masked_fill(~d.valid[:, None, :, None], 0.0)
-        attn = torch.matmul(probs.to(q.dtype), values)  # [R, Hkv, G, D]
-        output[d.token_idx] = attn.reshape(rows, self.num_heads, dim).to(output.dtype)
+        attn = torch.matmul(probs.to(q.dtype), values)  # [Hkv, R, G, D]
+        output[d.token_idx] = attn.transpose(0, 1).reshape(rows, self.num_heads, dim).to(output.dtype)
+        probs = probs.transpose(0, 1)  # [R, Hkv, G, n]
 
         n = probs.shape[-1]
         score = None
         if d.h2o_rows is not None:  # accumulate, as the reference: score + this query's
             h = d.h2o_rows
-            self.slot_score[d.write_block[h], :, d.write_off[h]] = 0.0
-            blocks_h = d.blocks[h]
-            bs = kv_cache.shape[2]
+            self.slot_score[d.h2o_write[0], :, d.h2o_write[1]] = 0.0
             # Slot by slot with accumulate: the repeated last block adds the
             # zero probabilities of invalid slots, a no-op, where a block-wise
             # write-back of duplicates would race.
-            index = (
-                blocks_h.repeat_interleave(bs, dim=1)[:, None, :],
-                torch.arange(hkv, device=probs.device)[None, :, None],
-                torch.arange(bs, device=probs.device).repeat(blocks_h.shape[1])[None, None, :],
-            )
             per_kv = probs[h].mean(dim=2)  # mean over each KV head's query heads
-            self.slot_score.index_put_(index, per_kv, accumulate=True)
-            acc = self._table_rows(self.slot_score, blocks_h)
+            self.slot_score.index_put_(d.h2o_index, per_kv, accumulate=True)
+            acc = self._table_rows(self.slot_score, d.blocks[h])
             score = torch.zeros(rows, hkv, n, dtype=torch.float32, device=acc.device)
             score[h] = acc
         if d.evict_rows.numel() == 0:
             return
         e_rows = d.evict_rows
-        last = probs[e_rows].reshape(-1, self.num_heads, n)
         newest = d.position[e_rows]
         victim = torch.empty(e_rows.numel(), hkv, dtype=torch.long, device=probs.device)
         for g in d.groups:
             pri = self._priority(
                 g.name,
-                last[g.rows],
+                probs[g.batch_rows].reshape(-1, self.num_heads, n),
                 # Positions only for the policies that rank by them (not TOVA's hot path).
-                None if g.name == "tova" else self._table_rows(self.slot_pos, d.blocks[e_rows[g.rows]]),
-                None if score is None else score[e_rows[g.rows]],
+                None if g.blocks is None else self._table_rows(self.slot_pos, g.blocks),
+                None if score is None else score[g.batch_rows],
                 newest[g.rows],
                 g.num_sinks,
                 g.recent,
             )
             # Only the row's k + 1 slots compete.
-            pri = pri.masked_fill(~d.valid[e_rows[g.rows]][:, None, :], float("inf"))
+            pri = pri.masked_fill(g.invalid[:, None, :], float("inf"))
             victim[g.rows] = policies.evict_one(pri).expand(-1, hkv)
         # The scratch slot's token replaces the victim, per KV head (a self-copy
         # when the new token itself is evicted): no host sync, no branch.
         bs = kv_cache.shape[2]
         heads = torch.arange(hkv, device=victim.device).unsqueeze(0)
-        dst_block = torch.gather(d.blocks[e_rows], 1, torch.div(victim, bs, rounding_mode="floor"))
+        dst_block = torch.gather(d.evict_blocks, 1, torch.div(victim, bs, rounding_mode="floor"))
         dst_off = victim % bs
         src = (d.scratch_block.unsqueeze(1), heads, d.scratch_off.unsqueeze(1))
         for table in (kv_cache, self.slot_pos, self.slot_score):
