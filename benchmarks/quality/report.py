@@ -46,6 +46,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Distinct markers and dashes: equal results (accuracy often is) must not hide a line.
+_STYLE = {
+    "tova": dict(marker="o", linestyle="-", linewidth=2.2),
+    "h2o": dict(marker="s", linestyle="--"),
+    "sink": dict(marker="^", linestyle="-.", markersize=9),
+    "window": dict(marker="x", linestyle=":", markersize=8),
+}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -59,7 +68,7 @@ def plot(results: dict, path: Path) -> None:
     ppl = results["perplexity"]
     xs = [*s["budgets"], s["context"]]  # the last point, 1/1, is the full cache
     for p in s["policies"]:
-        ax.plot(xs, [ppl[p][str(b)] for b in xs], marker="o", label=p)
+        ax.plot(xs, [ppl[p][str(b)] for b in xs], label=p, **_STYLE.get(p, {}))
     ax.axhline(ppl["full"], color="black", linestyle="--", label="full cache")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -72,7 +81,8 @@ def plot(results: dict, path: Path) -> None:
         ax = axes[0][1]
         r = results["retrieval"]
         for p in s["policies"]:
-            ax.plot(s["retrieval_budgets"], [r[p][str(b)] for b in s["retrieval_budgets"]], marker="o", label=p)
+            ax.plot(s["retrieval_budgets"], [r[p][str(b)] for b in s["retrieval_budgets"]], label=p,
+                    **_STYLE.get(p, {}))
         ax.axhline(r["full"], color="black", linestyle="--", label="full cache")
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.05, 1.05)
