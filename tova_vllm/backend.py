@@ -153,16 +153,21 @@ class DecodeBatch:
     index tensors every layer reuses: all of them attend and evict at once."""
 
     token_idx: torch.Tensor  # [R] row's token in the step's flattened tokens
+    tokens: torch.Tensor | slice  # token_idx, or the same as a slice (plain decode: cheaper)
     position: torch.Tensor  # [R] the new token's position
     write_block: torch.Tensor  # [R] where the new token goes: slot min(pos, k)
     write_off: torch.Tensor
+    write_flat: torch.Tensor  # [R * Hkv] the new tokens' slots in a flattened side table
+    write_pos: torch.Tensor  # [R * Hkv] int32 their positions
     blocks: torch.Tensor  # [R, nb] each row's blocks holding slots 0..nb*bs-1
     invalid: torch.Tensor  # [R, nb*bs] slots past the row's 0..min(pos, k)
     evict_rows: torch.Tensor  # [E] rows (of R) that hold k + 1 slots: evict one
     evict_blocks: torch.Tensor  # [E, nb] their blocks
     scratch_block: torch.Tensor  # [E] slot k of those rows
     scratch_off: torch.Tensor
+    scratch_flat: torch.Tensor  # [E * Hkv] the scratch slots in a flattened side table
     groups: list[EvictGroup]  # evict rows by policy, as positions in evict_rows
+    one_group: bool  # every row evicts, all with one policy: no per-group indexing
     h2o_rows: torch.Tensor | None  # [R_h] rows (of R) accumulating attention
     h2o_write: tuple | None  # their new tokens' (block, offset)
     h2o_index: tuple | None  # index of their slots into a [num_blocks, Hkv, bs] table
@@ -334,6 +339,11 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         h2o = [i for i, r in enumerate(rows) if rps[r].policy.name == "h2o"]
         write_block = torch.gather(table, 1, torch.div(write, bs, rounding_mode="floor")).flatten()
         write_off = (write % bs).flatten()
+        hkv = self.num_kv_heads
+        heads = torch.arange(hkv, device=device).unsqueeze(0)
+        tokens = [t for _, t, _ in entries]
+        token_idx = torch.tensor(tokens, device=device)
+        contiguous = tokens == list(range(tokens[0], tokens[0] + len(tokens)))
         h2o_rows = h2o_write = h2o_index = None
         if h2o:
             h2o_rows = torch.tensor(h2o, dtype=torch.long, device=device)
@@ -344,20 +354,25 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
                 torch.arange(self.num_kv_heads, device=device)[None, :, None],
                 torch.arange(bs, device=device).repeat(num_blocks)[None, None, :],
             )
+        position = torch.tensor([p for _, _, p in entries], device=device)
+        scratch_block = torch.gather(table[evict_rows], 1, torch.div(scratch, bs, rounding_mode="floor")).flatten()
         return DecodeBatch(
-            token_idx=torch.tensor([t for _, t, _ in entries], device=device),
-            position=torch.tensor([p for _, _, p in entries], device=device),
+            token_idx=token_idx,
+            tokens=slice(tokens[0], tokens[0] + len(tokens)) if contiguous else token_idx,
+            position=position,
             write_block=write_block,
             write_off=write_off,
+            write_flat=((write_block.unsqueeze(1) * hkv + heads) * bs + write_off.unsqueeze(1)).flatten(),
+            write_pos=position.to(torch.int32).unsqueeze(1).expand(-1, hkv).flatten(),
             blocks=blocks,
             invalid=invalid,
             evict_rows=evict_rows,
             evict_blocks=blocks[evict_rows],
-            scratch_block=torch.gather(
-                table[evict_rows], 1, torch.div(scratch, bs, rounding_mode="floor")
-            ).flatten(),
+            scratch_block=scratch_block,
             scratch_off=(scratch % bs).flatten(),
+            scratch_flat=((scratch_block.unsqueeze(1) * hkv + heads) * bs + (scratch % bs)).flatten(),
             groups=groups,
+            one_group=len(groups) == 1 and len(evict_list) == len(rows),
             h2o_rows=h2o_rows,
             h2o_write=h2o_write,
             h2o_index=h2o_index,
@@ -511,11 +526,13 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         if d.all_tova and query.is_cuda and _CUDA_FAST_PATH:
             return self._forward_decode_cuda(d, query, key, value, kv_cache, output)
         rows, dim, hkv = d.token_idx.shape[0], self.head_size, self.num_kv_heads
-        q = query[d.token_idx]  # [R, Hq, D]
+        q = query[d.tokens]  # [R, Hq, D]
         kv_cache[d.write_block, :, d.write_off, :] = torch.cat(
-            (key[d.token_idx], value[d.token_idx]), dim=-1
+            (key[d.tokens], value[d.tokens]), dim=-1
         ).to(kv_cache.dtype)
-        self.slot_pos[d.write_block, :, d.write_off] = d.position.to(torch.int32).unsqueeze(1)
+        # The side tables are ours (contiguous): flat slot indices, cheaper than
+        # advanced indexing.
+        self.slot_pos.view(-1).index_copy_(0, d.write_flat, d.write_pos)
         # Whole blocks, KV heads first: one contiguous gather [Hkv, R, n, 2D]
         # that the batched matmuls read in place (no transposed copy).
         kv = kv_cache.transpose(0, 1)[:, d.blocks].flatten(2, 3).to(q.dtype)
@@ -529,7 +546,7 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         scores = scores.masked_fill(d.invalid[None, :, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         attn = torch.matmul(probs.to(q.dtype), values)  # [Hkv, R, G, D]
-        output[d.token_idx] = attn.transpose(0, 1).reshape(rows, self.num_heads, dim).to(output.dtype)
+        output[d.tokens] = attn.transpose(0, 1).reshape(rows, self.num_heads, dim).to(output.dtype)
         probs = probs.transpose(0, 1)  # [R, Hkv, G, n]
 
         n = probs.shape[-1]
@@ -553,7 +570,7 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         for g in d.groups:
             pri = self._priority(
                 g.name,
-                probs[g.batch_rows].reshape(-1, self.num_heads, n),
+                (probs if d.one_group else probs[g.batch_rows]).reshape(-1, self.num_heads, n),
                 # Positions only for the policies that rank by them (not TOVA's hot path).
                 None if g.blocks is None else self._table_rows(self.slot_pos, g.blocks),
                 None if score is None else score[g.batch_rows],
@@ -563,16 +580,21 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
             )
             # Only the row's k + 1 slots compete.
             pri = pri.masked_fill(g.invalid[:, None, :], float("inf"))
-            victim[g.rows] = policies.evict_one(pri).expand(-1, hkv)
+            if d.one_group:
+                victim = policies.evict_one(pri).expand(-1, hkv)
+            else:
+                victim[g.rows] = policies.evict_one(pri).expand(-1, hkv)
         # The scratch slot's token replaces the victim, per KV head (a self-copy
         # when the new token itself is evicted): no host sync, no branch.
         bs = kv_cache.shape[2]
         heads = torch.arange(hkv, device=victim.device).unsqueeze(0)
         dst_block = torch.gather(d.evict_blocks, 1, torch.div(victim, bs, rounding_mode="floor"))
         dst_off = victim % bs
-        src = (d.scratch_block.unsqueeze(1), heads, d.scratch_off.unsqueeze(1))
-        for table in (kv_cache, self.slot_pos, self.slot_score):
-            table[dst_block, heads, dst_off] = table[src]
+        kv_cache[dst_block, heads, dst_off] = kv_cache[d.scratch_block.unsqueeze(1), heads, d.scratch_off.unsqueeze(1)]
+        dst = ((dst_block * hkv + heads) * bs + dst_off).flatten()
+        for table in (self.slot_pos, self.slot_score):
+            flat = table.view(-1)
+            flat.index_copy_(0, dst, flat.index_select(0, d.scratch_flat))
 
     def _forward_decode_cuda(self, d: DecodeBatch, query, key, value, kv_cache, output) -> None:
         """TOVA rows on CUDA: vLLM's attention kernel (FlashAttention, else its
