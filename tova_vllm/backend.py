@@ -566,7 +566,7 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
             return
         e_rows = d.evict_rows
         newest = d.position[e_rows]
-        victim = torch.empty(e_rows.numel(), hkv, dtype=torch.long, device=probs.device)
+        victim = None if d.one_group else torch.empty(e_rows.numel(), hkv, dtype=torch.long, device=probs.device)
         for g in d.groups:
             pri = self._priority(
                 g.name,
