@@ -166,6 +166,7 @@ class DecodeBatch:
     scratch_block: torch.Tensor  # [E] slot k of those rows
     scratch_off: torch.Tensor
     scratch_flat: torch.Tensor  # [E * Hkv] the scratch slots in a flattened side table
+    heads: torch.Tensor  # [1, Hkv] 0..Hkv-1
     groups: list[EvictGroup]  # evict rows by policy, as positions in evict_rows
     one_group: bool  # every row evicts, all with one policy: no per-group indexing
     h2o_rows: torch.Tensor | None  # [R_h] rows (of R) accumulating attention
@@ -351,7 +352,7 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             blocks_h = blocks[h2o_rows]
             h2o_index = (
                 blocks_h.repeat_interleave(bs, dim=1)[:, None, :],
-                torch.arange(self.num_kv_heads, device=device)[None, :, None],
+                heads[:, :, None],
                 torch.arange(bs, device=device).repeat(num_blocks)[None, None, :],
             )
         position = torch.tensor([p for _, _, p in entries], device=device)
@@ -371,6 +372,7 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             scratch_block=scratch_block,
             scratch_off=(scratch % bs).flatten(),
             scratch_flat=((scratch_block.unsqueeze(1) * hkv + heads) * bs + (scratch % bs)).flatten(),
+            heads=heads,
             groups=groups,
             one_group=len(groups) == 1 and len(evict_list) == len(rows),
             h2o_rows=h2o_rows,
@@ -586,8 +588,7 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
                 victim[g.rows] = policies.evict_one(pri).expand(-1, hkv)
         # The scratch slot's token replaces the victim, per KV head (a self-copy
         # when the new token itself is evicted): no host sync, no branch.
-        bs = kv_cache.shape[2]
-        heads = torch.arange(hkv, device=victim.device).unsqueeze(0)
+        bs, heads = kv_cache.shape[2], d.heads
         dst_block = torch.gather(d.evict_blocks, 1, torch.div(victim, bs, rounding_mode="floor"))
         dst_off = victim % bs
         kv_cache[dst_block, heads, dst_off] = kv_cache[d.scratch_block.unsqueeze(1), heads, d.scratch_off.unsqueeze(1)]
