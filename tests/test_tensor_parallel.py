@@ -28,9 +28,9 @@ import torch
 from conftest import ENGINE_DEFAULTS, vllm_engine
 from vllm import SamplingParams
 
-from tova_vllm.config import policy_from_vllm_config
+from tova_vllm.config import engine_settings_of
 from tova_vllm.inspect import blocks_at_release
-from tova_vllm.policies import PolicyConfig
+from tova_vllm.policies import TOVA
 
 BUDGET = 40
 MAX_TOKENS = 40
@@ -142,8 +142,8 @@ def test_tp2_greedy_tokens_match_tp1(tp_runs, prompt_ids):
 def test_tp2_block_usage_matches_tp1(tp_runs, prompt_ids):
     blocks1, blocks2 = tp_runs[1][1], tp_runs[2][1]
     assert None not in blocks1 and None not in blocks2
-    # Every request ended holding the cap: budget + scratch slot.
-    cap = -(-(BUDGET + 1) // BLOCK)
+    # Every request ended holding the cap: ceil(budget / block) blocks.
+    cap = -(-BUDGET // BLOCK)
     assert blocks1 == [cap] * len(prompt_ids), blocks1
     assert blocks2 == blocks1
 
@@ -191,13 +191,19 @@ def _actor_class(ray):
                 "manager": meta.manager_class.__qualname__ if meta is not None else None,
             }
 
+        def env(self, name: str) -> str | None:
+            return os.environ.get(name)
+
+        def update_environment_variables(self, env: dict) -> None:
+            os.environ.update(env)  # what vLLM's Ray workers do with the copied variables
+
         def load_general_plugins(self) -> None:
             from vllm.plugins import load_general_plugins
 
             load_general_plugins()
 
         def policy_of(self, vllm_config) -> dict:
-            policy = policy_from_vllm_config(vllm_config)
+            policy = engine_settings_of(vllm_config)
             parallel = vllm_config.parallel_config
             return {
                 "policy": (policy.name, policy.budget) if policy is not None else None,
@@ -253,7 +259,7 @@ def test_ray_actor_loads_the_plugin(ray_cluster):
     after = ray_cluster.get(actor.registrations.remote(), timeout=300)
     assert after["pid"] == before["pid"]
     assert after["backend"] == "TovaAttentionBackend", after
-    assert after["backend_path"] == "tova_vllm.backend.TovaAttentionBackend"
+    assert after["backend_path"] == "tova_vllm.backend.backend.TovaAttentionBackend"
     assert after["manager"] == "TovaKVCacheManager", after
     ray_cluster.kill(actor)
 
@@ -272,11 +278,12 @@ def test_ray_engine_config_carries_the_policy(ray_cluster, tiny_llama):
         **{k: v for k, v in ENGINE_DEFAULTS.items() if k != "seed"},
     )
     config = args.create_engine_config()
-    assert policy_from_vllm_config(config) == PolicyConfig("tova", BUDGET)
+    settings = engine_settings_of(config)
+    assert (settings.policy, settings.budget) == (TOVA(), BUDGET)
     # Pickled (what vLLM's mp executor does) and through Ray's serialisation
     # into a fresh worker that has not loaded the plugins yet (Ray workers
     # receive the VllmConfig before they load them).
-    assert policy_from_vllm_config(pickle.loads(pickle.dumps(config))) == PolicyConfig("tova", BUDGET)
+    assert engine_settings_of(pickle.loads(pickle.dumps(config))) == settings
     actor = _fresh_actor(ray_cluster)
     seen = ray_cluster.get(actor.policy_of.remote(config), timeout=300)
     assert seen == {"policy": ("tova", BUDGET), "tp": 2, "backend": "ray"}
@@ -295,3 +302,27 @@ def test_ray_executor_is_refused_by_vllm_on_the_cpu(ray_cluster, tiny_llama):
     assert "current platform cpu does not support ray" in got["error"], got
     assert got["raised_in"].endswith(os.path.join("vllm", "v1", "executor", "ray_utils.py")), got
     assert got["tova_frames"] == [], got
+
+
+def test_plugin_settings_reach_ray_workers(ray_cluster, monkeypatch):
+    """vLLM copies only VLLM_*-style variables to its Ray workers; the plugin
+    adds its own (TOVA_VLLM_CUDA_FAST_PATH) through vLLM's
+    VLLM_RAY_EXTRA_ENV_VARS_TO_COPY, so a worker sees the driver's setting."""
+    from vllm.ray.ray_env import get_env_vars_to_copy
+
+    from tova_vllm import plugin
+
+    monkeypatch.setenv("TOVA_VLLM_CUDA_FAST_PATH", "0")
+    monkeypatch.delenv("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", raising=False)
+    assert "TOVA_VLLM_CUDA_FAST_PATH" not in get_env_vars_to_copy()
+    plugin.carry_settings_to_ray()
+    plugin.carry_settings_to_ray()  # idempotent
+    assert os.environ["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"] == "TOVA_VLLM_CUDA_FAST_PATH"
+    copied = get_env_vars_to_copy()
+    assert "TOVA_VLLM_CUDA_FAST_PATH" in copied
+    actor = _fresh_actor(ray_cluster)
+    assert ray_cluster.get(actor.env.remote("TOVA_VLLM_CUDA_FAST_PATH"), timeout=300) is None
+    env = {name: os.environ[name] for name in copied if name in os.environ}
+    ray_cluster.get(actor.update_environment_variables.remote(env), timeout=300)
+    assert ray_cluster.get(actor.env.remote("TOVA_VLLM_CUDA_FAST_PATH"), timeout=300) == "0"
+    ray_cluster.kill(actor)

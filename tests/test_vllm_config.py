@@ -29,8 +29,10 @@ from conftest import ENGINE_DEFAULTS
 from vllm import LLM
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
-from tova_vllm.config import ENGINE_POLICIES as POLICIES
-from tova_vllm.config import PolicyConfigError
+from tova_vllm.config import PolicyConfigError, settings_keys
+from tova_vllm.policies import policy_names
+
+POLICIES = policy_names()
 
 # What a bad flag may cost: vLLM's imports (15-30 s here), never an engine start.
 CLI_TIMEOUT_S = 240
@@ -187,6 +189,46 @@ def test_bad_policy_options_name_the_option_and_its_range(model_path, way, setti
         LLM(model=model_path, **ENGINE_DEFAULTS, **_llm_kwargs(way, settings))
     for name in names:
         assert name in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("way", ["kwargs", "additional_config"])
+def test_an_unknown_kv_setting_names_the_allowed_keys(model_path, way, nothing_started):
+    with pytest.raises(PolicyConfigError) as err:
+        LLM(model=model_path, **ENGINE_DEFAULTS, **_llm_kwargs(way, {"kv_policy": "tova", "kv_budgett": 16}))
+    msg = str(err.value)
+    assert msg.startswith("kv_budgett is not a KV setting; allowed keys: "), msg
+    for key in settings_keys():
+        assert key in msg, msg
+
+
+@pytest.mark.parametrize(
+    "settings, names",
+    [
+        ({"kv_policy": "tova", "kv_budget": 16, "kv_prompt_mode": "lazy"}, ["kv_prompt_mode", "bulk, chunked, stream"]),
+        ({"kv_policy": "tova", "kv_budget": 16, "kv_prompt_chunk": 8}, ["kv_prompt_chunk", "'chunked' only"]),
+        (
+            {"kv_policy": "tova", "kv_budget": 16, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 0},
+            ["kv_prompt_chunk", "positive integer"],
+        ),
+    ],
+    ids=["mode", "chunk-without-chunked", "chunk-0"],
+)
+def test_bad_prompt_settings_name_the_setting(model_path, settings, names, nothing_started):
+    with pytest.raises(PolicyConfigError) as err:
+        LLM(model=model_path, **ENGINE_DEFAULTS, **settings)
+    for name in names:
+        assert name in str(err.value), str(err.value)
+
+
+def test_full_cuda_graphs_are_refused(model_path, nothing_started):
+    """A FULL graph would replay a captured step and skip the eviction, which
+    runs in Python between graph pieces."""
+    for mode in ("FULL", "FULL_DECODE_ONLY"):
+        with pytest.raises(PolicyConfigError, match=f"cudagraph_mode={mode}"):
+            EngineArgs(
+                model=model_path, kv_policy="tova", kv_budget=64, max_model_len=1024,
+                compilation_config={"cudagraph_mode": mode},
+            ).create_engine_config()  # fmt: skip
 
 
 def test_a_setting_given_two_ways_must_agree(model_path, nothing_started):
@@ -395,7 +437,9 @@ def test_budget_warning_boundary(model_path, budget, warns):
     assert len(warned) == (1 if warns else 0), log.messages()
     # The startup line, once, in both cases.
     started = [m for m in log.messages(logging.INFO) if "KV eviction policy 'tova'" in m]
-    assert started == [f"tova-vllm: KV eviction policy 'tova' with a budget of {budget} tokens per layer per sequence."]
+    assert started == [
+        f"tova-vllm: KV eviction policy 'tova' with a budget of {budget} tokens per layer per sequence, bulk prompts."
+    ]
 
 
 def test_policy_turns_prefix_caching_off_with_one_warning(model_path):

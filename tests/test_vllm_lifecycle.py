@@ -1,6 +1,7 @@
 """Nothing leaks: finished, aborted and preempted requests return their blocks;
-a request's blocks are capped at ceil((budget + 1) / block_size) once its
-prompt is processed; a preempted request yields the same tokens."""
+a request's blocks are capped at ceil(budget / block_size) once its prompt is
+processed (no scratch slot); a chunked prompt never holds more than budget +
+one chunk; a preempted request yields the same tokens."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tova_vllm.inspect import blocks_at_release, engine_kv_state
 
 BUDGET = 100
 BLOCK = 16  # tova-vllm's default block size with a policy
-CAP_BLOCKS = -(-(BUDGET + 1) // BLOCK)
+CAP_BLOCKS = -(-BUDGET // BLOCK)
 
 
 def _ids(tokenizer, prompts):
@@ -57,7 +58,7 @@ def test_finished_requests_return_blocks_and_hold_the_cap(llm, chat_prompts):
     for out in outs:
         n_prompt = len(out.prompt_token_ids)
         long_prompt_seen |= n_prompt > BUDGET
-        slots = min(n_prompt + 30 - 1, BUDGET + 1)
+        slots = min(n_prompt + 30 - 1, BUDGET)
         assert blocks_at_release(llm, out.request_id) == -(-slots // BLOCK), out.request_id
     assert long_prompt_seen, "the prompts must include some longer than the budget"
 
@@ -102,18 +103,20 @@ def _num_preemptions(llm) -> float:
 def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, chat_prompts, llm):
     """A pool too small for every request's cap forces preemption (recompute)."""
     tok = llm.get_tokenizer()
-    # Five prompts of 33 to 48 tokens (3 blocks each), growing past the budget;
-    # four policies (per request), so every policy's recompute is checked.
-    prompts = _ids(tok, chat_prompts[:5])
+    # Six prompts of 33 to 83 tokens, growing past the budget; every
+    # policy (per request) and the chunked prompt mode, so every policy's
+    # recompute is checked.
+    prompts = _ids(tok, chat_prompts[:6])
     params = [
         SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True, extra_args=extra)
         for extra in (None, {"kv_policy": "h2o"}, {"kv_policy": "window"}, {"kv_policy": "sink"},
-                      {"kv_policy": "h2o", "kv_budget": 60})
+                      {"kv_policy": "keydiff", "kv_budget": 60},
+                      {"kv_budget": 40, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 16})
     ]
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    # Three requests fit at admission, then they grow towards their cap and
+    # A few requests fit at admission, then they grow towards their cap and
     # the scheduler must preempt.
-    num_blocks = 10
+    num_blocks = 12
     with vllm_engine(
         model_path, kv_policy="tova", kv_budget=BUDGET, num_gpu_blocks_override=num_blocks, disable_log_stats=False
     ) as small:
@@ -137,13 +140,13 @@ def test_per_request_policy_and_budget_cap_blocks_and_count(llm, chat_prompts):
     outs = llm.generate(prompts, params, use_tqdm=False)
     after = _idle(llm)["stats"]
     for out in outs:
-        assert blocks_at_release(llm, out.request_id) == -(-(budget + 1) // BLOCK)
+        assert blocks_at_release(llm, out.request_id) == -(-budget // BLOCK)
     old = before.get("window", dict.fromkeys(("requests", "tokens_evicted", "blocks_held", "blocks_without_eviction"), 0))
     new = after["window"]
     computed = [len(o.prompt_token_ids) + 12 - 1 for o in outs]
     assert new["requests"] - old["requests"] == 3
     assert new["tokens_evicted"] - old["tokens_evicted"] == sum(n - budget for n in computed)
-    assert new["blocks_held"] - old["blocks_held"] == 3 * -(-(budget + 1) // BLOCK)
+    assert new["blocks_held"] - old["blocks_held"] == 3 * -(-budget // BLOCK)
     assert new["blocks_without_eviction"] - old["blocks_without_eviction"] == sum(-(-n // BLOCK) for n in computed)
 
 
@@ -161,7 +164,32 @@ def test_streamed_prompt_never_holds_more_than_its_cap(llm, chat_prompts):
     while engine.has_unfinished_requests():
         engine.step()
         peak = max(peak, *engine_kv_state(llm)["blocks_per_running_request"].values(), 0)
-    assert 0 < peak <= -(-(budget + 1) // BLOCK)
+    assert 0 < peak <= -(-budget // BLOCK)
+    _idle(llm)
+
+
+def test_chunked_prompt_never_holds_more_than_budget_plus_a_chunk(llm, chat_prompts):
+    """kv_prompt_mode=chunked: after each chunk of kv_prompt_chunk tokens the
+    cache is reduced to the budget, so a long prompt's request never holds
+    more than budget + chunk slots (a bulk prompt holds all of them), and it
+    ends at its cap."""
+    engine = llm.llm_engine
+    prompt = _ids(llm.get_tokenizer(), chat_prompts[-1:])[0]  # 214 tokens
+    budget, chunk = 32, 24
+    peaks = {}
+    for mode in ("chunked", "bulk"):
+        extra = {"kv_budget": budget, "kv_prompt_mode": mode}
+        if mode == "chunked":
+            extra["kv_prompt_chunk"] = chunk
+        engine.add_request(f"{mode}-0", prompt, SamplingParams(max_tokens=6, extra_args=extra))
+        peak = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            peak = max(peak, *engine_kv_state(llm)["blocks_per_running_request"].values(), 0)
+        peaks[mode] = peak
+        assert blocks_at_release(llm, f"{mode}-0") == -(-budget // BLOCK)
+    assert peaks["chunked"] <= -(-(budget + chunk) // BLOCK), peaks
+    assert peaks["bulk"] == -(-len(prompt["prompt_token_ids"]) // BLOCK), peaks
     _idle(llm)
 
 
@@ -174,6 +202,9 @@ def test_streamed_prompt_never_holds_more_than_its_cap(llm, chat_prompts):
         ({"kv_policy": "tova", "kv_num_sinks": 2}, "vllm_xargs.kv_num_sinks"),
         ({"kv_policy": "h2o", "kv_h2o_recent_ratio": 1.5}, "vllm_xargs.kv_h2o_recent_ratio"),
         ({"kv_prompt_mode": "lazy"}, "vllm_xargs.kv_prompt_mode"),
+        ({"kv_budgett": 32}, "vllm_xargs.kv_budgett"),
+        ({"kv_budget": True}, "vllm_xargs.kv_budget"),
+        ({"kv_prompt_chunk": 8}, "vllm_xargs.kv_prompt_chunk"),
     ],
 )
 def test_bad_per_request_settings_are_refused_and_the_engine_keeps_serving(llm, extra, field):

@@ -1,20 +1,43 @@
-"""The main acceptance test: vLLM + TOVA gives the same greedy tokens as the
-transformers reference of the same policy (float32, embedded model), for eight
-prompts of different lengths submitted together, including prompts longer than
-the budget and generations that cross the budget many times, at two budgets."""
+"""The main acceptance test: vLLM with an eviction policy gives the same greedy
+tokens as the transformers reference of the same policy and settings
+(float32, embedded model), for eight prompts of different lengths submitted
+together, including prompts longer than the budget and generations that cross
+the budget many times: every registered built-in policy, two budgets, the
+three prompt modes, prompts in one scheduler chunk and in chunks of 64 tokens
+(chunked prefill) mixed with other requests' decode steps, all policies in one
+batch (per-request settings).
+
+A divergence is reported with its diagnosis (`parity_diagnosis`): the first
+eviction where the engine and the reference keep different tokens, and how
+close the reference's two candidates were there."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import vllm_engine
+from parity_diagnosis import diagnose, engine_kept, first_divergence, reference_kept
 from vllm import SamplingParams
 
-from tova_vllm.policies import PolicyConfig
+from tova_vllm.config import engine_settings, request_settings
 from tova_vllm.reference import generate_greedy
 
 MAX_TOKENS = 48
-BUDGETS = (40, 80)
+
+# Per-request settings served by one engine (engine: tova, budget 80).
+MATRIX = [
+    {},
+    {"kv_budget": 40},
+    {"kv_policy": "window", "kv_budget": 40},
+    {"kv_policy": "sink", "kv_budget": 40},
+    {"kv_policy": "h2o", "kv_budget": 40},
+    {"kv_policy": "h2o"},
+    {"kv_policy": "keydiff", "kv_budget": 40},
+    {"kv_budget": 40, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 16},
+    {"kv_policy": "h2o", "kv_budget": 40, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 24},
+    {"kv_budget": 40, "kv_prompt_mode": "stream"},
+]
+ENGINE = {"kv_policy": "tova", "kv_budget": 80}
 
 
 @pytest.fixture(scope="module")
@@ -33,81 +56,104 @@ def prompt_ids(model_path, chat_prompts) -> list[list[int]]:
     return [tok(p, add_special_tokens=False).input_ids for p in chat_prompts]
 
 
-def _first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
 @pytest.fixture(scope="module")
 def reference_tokens(hf_model, prompt_ids):
-    """The transformers reference's greedy tokens per budget, each prompt alone."""
-    cache: dict[tuple[str, int], list[list[int]]] = {}
+    """The reference's greedy tokens per settings, each prompt alone."""
+    cache = {}
 
-    def get(budget: int, name: str = "tova") -> list[list[int]]:
-        if (name, budget) not in cache:
-            policy = PolicyConfig(name, budget)
+    def get(settings) -> list[list[int]]:
+        if settings not in cache:
             with torch.no_grad():
-                cache[name, budget] = [generate_greedy(hf_model, [p], policy, MAX_TOKENS)[0] for p in prompt_ids]
-        return cache[name, budget]
+                cache[settings] = [generate_greedy(hf_model, [p], settings, MAX_TOKENS)[0] for p in prompt_ids]
+        return cache[settings]
 
     return get
 
 
+def _check(llm, hf_model, prompt_ids, got, settings_list, reference_tokens):
+    report = {}
+    for i, settings in enumerate(settings_list):
+        want = reference_tokens(settings)
+        for j, prompt in enumerate(prompt_ids):
+            g = got[i * len(prompt_ids) + j]
+            if g != want[j]:
+                where = f"{settings.describe()} / prompt of {len(prompt)} tokens"
+                report[where] = diagnose(llm, hf_model, prompt, settings, g, want[j])
+    assert not report, "engine and reference differ:\n" + "\n".join(f"- {k}: {v}" for k, v in report.items())
+
+
+@pytest.fixture(scope="module")
+def chunked_prefill_engine(model_path):
+    """In-process engine core: its steps run when LLMEngine.step() is called,
+    so a diagnosis reads the workers' state after every step."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        with vllm_engine(model_path, **ENGINE, max_num_batched_tokens=64) as llm:
+            mp.undo()
+            yield llm
+    finally:
+        mp.undo()
+
+
 @pytest.mark.parametrize(
-    "budget,engine_kwargs",
-    [
-        (BUDGETS[0], {}),
-        (BUDGETS[1], {}),
-        # Chunked prefill: 64 tokens per step, so long prompts are prefilled in
-        # several chunks while other requests decode in the same steps.
-        (BUDGETS[0], {"max_num_batched_tokens": 64}),
-    ],
-    ids=["budget40", "budget80", "budget40-chunked-prefill"],
+    "engine_kwargs",
+    [{"max_num_batched_tokens": 64}, {}],
+    ids=["chunked-prefill-64", "one-scheduler-chunk"],
 )
-def test_greedy_tokens_match_the_reference(budget, engine_kwargs, model_path, prompt_ids, reference_tokens):
+def test_greedy_tokens_match_the_reference(
+    engine_kwargs, model_path, hf_model, prompt_ids, reference_tokens, chunked_prefill_engine
+):
     lengths = [len(p) for p in prompt_ids]
-    assert any(n > budget for n in lengths) and any(n + MAX_TOKENS > budget >= n for n in lengths)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    with vllm_engine(model_path, kv_policy="tova", kv_budget=budget, **engine_kwargs) as llm:
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-    got = [list(o.outputs[0].token_ids) for o in outs]
-    want = reference_tokens(budget)
-    report = {
-        n: _first_divergence(g, w) for n, g, w in zip(lengths, got, want) if g != w
-    }
-    assert not report, f"first divergent token per prompt length: {report}"
-
-
-# The paper's baselines, each with its own transformers reference. One engine
-# (engine policy h2o at budget 80, chunked prefill) serves them all at once:
-# the other policies and the smaller budget come per request (extra_args, the
-# vllm_xargs of the OpenAI API), so the batch mixes policies and budgets.
-BASELINES = [("window", 40), ("sink", 40), ("h2o", 40), ("h2o", 80)]
-
-
-def test_baselines_match_their_reference(model_path, prompt_ids, reference_tokens):
-    lengths = [len(p) for p in prompt_ids]
+    assert any(n > 80 for n in lengths) and any(n + MAX_TOKENS > 40 >= n for n in lengths)
+    engine = engine_settings(ENGINE)
+    matrix = MATRIX if engine_kwargs else MATRIX[:2]
+    settings_list = [request_settings(engine, extra) for extra in matrix]
     prompts, params = [], []
-    for name, budget in BASELINES:
-        extra = None if (name, budget) == ("h2o", 80) else {"kv_policy": name, "kv_budget": budget}
+    for extra in matrix:
         for p in prompt_ids:
             prompts.append({"prompt_token_ids": p})
-            params.append(
-                SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra)
-            )
-    with vllm_engine(model_path, kv_policy="h2o", kv_budget=80, max_num_batched_tokens=64) as llm:
+            params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra or None))
+    if engine_kwargs:
+        llm = chunked_prefill_engine
         outs = llm.generate(prompts, params, use_tqdm=False)
-    got = [list(o.outputs[0].token_ids) for o in outs]
-    report = {}
-    for i, (name, budget) in enumerate(BASELINES):
-        want = reference_tokens(budget, name)
-        mine = got[i * len(prompt_ids) : (i + 1) * len(prompt_ids)]
-        for n, g, w in zip(lengths, mine, want):
-            if g != w:
-                report[f"{name}{budget}/len{n}"] = _first_divergence(g, w)
-    assert not report, f"first divergent token per policy/prompt length: {report}"
+        got = [list(o.outputs[0].token_ids) for o in outs]
+        _check(llm, hf_model, prompt_ids, got, settings_list, reference_tokens)
+    else:
+        with vllm_engine(model_path, **ENGINE) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            got = [list(o.outputs[0].token_ids) for o in outs]
+            _check(llm, hf_model, prompt_ids, got, settings_list, reference_tokens)
     # The policies really differ (else matching would prove little).
-    firsts = {tuple(got[i * len(prompt_ids) + 7]) for i in range(len(BASELINES))}
-    assert len(firsts) > 1
+    longest = [tuple(got[i * len(prompt_ids) + len(prompt_ids) - 1]) for i in range(len(matrix))]
+    assert len(set(longest)) > len(matrix) // 2, "most settings must give different tokens on the longest prompt"
+    assert first_divergence(longest[0], longest[1]) is not None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"kv_budget": 40}, {"kv_policy": "h2o", "kv_budget": 40}, {"kv_budget": 40, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 16}],
+    ids=["tova", "h2o", "tova-chunked"],
+)
+def test_kept_positions_equal_the_reference_at_every_step(extra, chunked_prefill_engine, hf_model, prompt_ids):
+    """Not just the tokens: after the prompt and after every decode step, every
+    layer (and KV head) keeps the same positions as the reference. This also
+    checks what a parity failure's diagnosis reads (`tova_vllm.inspect`)."""
+    settings = request_settings(engine_settings(ENGINE), extra)
+    prompt = prompt_ids[6]  # 132 tokens: the prompt is reduced, then every step evicts
+    steps = 12
+    eng = engine_kept(chunked_prefill_engine, prompt, settings, steps)
+    assert sorted(eng) == list(range(len(prompt), len(prompt) + steps))
+    tokens = generate_greedy(hf_model, [prompt], settings, steps)[0]
+    ref = reference_kept(hf_model, prompt, settings, tokens[: steps - 1])
+    for n in sorted(eng):
+        layers = ref[n][0]
+        assert len(eng[n]) == len(layers) == hf_model.config.num_hidden_layers
+        for li, (e, r) in enumerate(zip(eng[n], layers)):
+            assert e == r, (n, li)
+            assert all(len(h) == min(n, settings.budget) for h in e)
+    # The diagnosis names the first token where two runs differ (here made up).
+    fake = list(tokens)
+    fake[5] += 1
+    message = diagnose(chunked_prefill_engine, hf_model, prompt, settings, tokens, fake)
+    assert message.startswith("first divergent token at index 5") and "every layer kept the same positions" in message

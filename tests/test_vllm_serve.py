@@ -28,11 +28,16 @@ from serve_helpers import (
     session_processes,
 )
 
-from tova_vllm.config import ENGINE_POLICIES, POLICY_ARG_HELP
+from tova_vllm.config import setting_help, settings_keys
+from tova_vllm.policies import policy_names
+
+ENGINE_POLICIES = policy_names()
 
 BUDGET = 48
 BLOCK_SIZE = 16  # the plugin's default with a policy
-STARTUP_LINE = f"tova-vllm: KV eviction policy 'tova' with a budget of {BUDGET} tokens per layer per sequence."
+STARTUP_LINE = (
+    f"tova-vllm: KV eviction policy 'tova' with a budget of {BUDGET} tokens per layer per sequence, bulk prompts."
+)
 MAX_TOKENS = 40
 
 PROMPT = (
@@ -65,9 +70,9 @@ def test_help_lists_the_policy_flags(model_path):
     text = out.stdout
     assert "KV-cache eviction (tova-vllm)" in text
     squashed = "".join(text.split())  # argparse wraps lines (and may break at hyphens)
-    for flag, key in (("--kv-policy", "kv_policy"), ("--kv-budget", "kv_budget")):
-        assert flag in text
-        assert "".join(POLICY_ARG_HELP[key].split()) in squashed, key
+    for key in settings_keys():  # every setting of the registry, with its help
+        assert "--" + key.replace("_", "-") in text, key
+        assert "".join(setting_help(key).split()) in squashed, key
 
 
 def test_startup_line_is_logged_once(server):
@@ -155,11 +160,11 @@ def _info_label(text: str, name: str, label: str) -> int:
 def test_a_growing_request_keeps_at_most_the_budget(server):
     """Black-box: while one request streams far past the budget, the server's
     own metrics show its KV cache holding fewer slots than its tokens, and no
-    more blocks than budget + 1 slots need."""
+    more blocks than budget slots need."""
     text = server.metrics()
     num_blocks = _info_label(text, "vllm:cache_config_info", "num_gpu_blocks")
     block_size = _info_label(text, "vllm:cache_config_info", "block_size")
-    cap = -(-(BUDGET + 1) // block_size)
+    cap = -(-BUDGET // block_size)
     stream = server.client().completions.create(
         model=server.model,
         prompt=PROMPT,
@@ -275,8 +280,8 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def test_request_budget_caps_its_blocks(server):
-    """vllm_xargs.kv_budget=16: the request holds ceil(17 / 16) = 2 blocks at
-    the end instead of the server budget's ceil(49 / 16) = 4."""
+    """vllm_xargs.kv_budget=16: the request holds ceil(16 / 16) = 1 block at
+    the end instead of the server budget's ceil(48 / 16) = 3."""
     for budget in (16, BUDGET):
         before = server.metrics()
         resp = _complete(server, extra_body={"vllm_xargs": {"kv_budget": budget}})
@@ -284,24 +289,31 @@ def test_request_budget_caps_its_blocks(server):
         tokens = resp.usage.prompt_tokens + resp.usage.completion_tokens
         d = _policy_delta(before, after, "tova")
         assert d["requests"] == 1, d
-        assert d["kv_blocks_held"] == _cdiv(budget + 1, BLOCK_SIZE), (budget, d)
+        assert d["kv_blocks_held"] == _cdiv(budget, BLOCK_SIZE), (budget, d)
         # The last sampled token's KV is never computed.
         assert d["kv_blocks_without_eviction"] in {_cdiv(tokens - 1, BLOCK_SIZE), _cdiv(tokens, BLOCK_SIZE)}, d
         assert tokens - 1 - budget <= d["tokens_evicted"] <= tokens - budget, (tokens, d)
 
 
 def test_request_policy_and_prompt_mode(server):
-    """A request may run another policy (counted under its own name) and
-    stream its prompt through the cache."""
+    """A request may run another policy (counted under its own name), stream
+    its prompt through the cache or process it in chunks."""
     before = server.metrics()
     window = _complete(server, extra_body={"vllm_xargs": {"kv_policy": "window", "kv_budget": 24}})
     streamed = _complete(server, extra_body={"vllm_xargs": {"kv_prompt_mode": "stream", "kv_budget": 16}})
+    chunked = _complete(
+        server, extra_body={"vllm_xargs": {"kv_prompt_mode": "chunked", "kv_prompt_chunk": 8, "kv_budget": 20}}
+    )
+    keydiff = _complete(server, extra_body={"vllm_xargs": {"kv_policy": "keydiff", "kv_budget": 32}})
     after = server.metrics()
-    assert window.choices[0].text.strip() and streamed.choices[0].text.strip()
+    for resp in (window, streamed, chunked, keydiff):
+        assert resp.choices[0].text.strip()
     w = _policy_delta(before, after, "window")
-    assert w["requests"] == 1 and w["kv_blocks_held"] == _cdiv(25, BLOCK_SIZE), w
+    assert w["requests"] == 1 and w["kv_blocks_held"] == _cdiv(24, BLOCK_SIZE), w
     t = _policy_delta(before, after, "tova")
-    assert t["requests"] == 1 and t["kv_blocks_held"] == _cdiv(17, BLOCK_SIZE), t
+    assert t["requests"] == 2 and t["kv_blocks_held"] == _cdiv(16, BLOCK_SIZE) + _cdiv(20, BLOCK_SIZE), t
+    k = _policy_delta(before, after, "keydiff")
+    assert k["requests"] == 1 and k["kv_blocks_held"] == _cdiv(32, BLOCK_SIZE), k
 
 
 BAD_XARGS = [
@@ -309,8 +321,11 @@ BAD_XARGS = [
     ({"kv_budget": 0}, "kv_budget", f"[1, {BUDGET}]"),
     ({"kv_budget": "16"}, "kv_budget", f"[1, {BUDGET}]"),
     ({"kv_policy": "lru"}, "kv_policy", ", ".join(ENGINE_POLICIES)),
-    ({"kv_prompt_mode": "chunked"}, "kv_prompt_mode", "bulk, stream"),
+    ({"kv_prompt_mode": "eager"}, "kv_prompt_mode", "bulk, chunked, stream"),
     ({"kv_policy": "tova", "kv_num_sinks": 2}, "kv_num_sinks", "sink"),
+    # A misspelt key and a boolean for an integer (answered 200 before).
+    ({"kv_budgett": 32}, "kv_budgett", ", ".join(settings_keys())),
+    ({"kv_budget": True}, "kv_budget", f"[1, {BUDGET}]"),
 ]
 
 
@@ -378,8 +393,8 @@ def test_metrics_expose_the_policy_counters(server):
     total = sample(text, "tova_vllm:kv_cache_blocks", **gauges)
     assert free == total - 1 == _info_label(text, "vllm:cache_config_info", "num_gpu_blocks") - 1  # idle
     assert sample(text, "tova_vllm:kv_cache_requests", **gauges) == 0
-    # Policies no request used have no series.
-    assert {lab["policy"] for lab, _ in samples(text, "tova_vllm:requests_total")} <= set(ENGINE_POLICIES)
+    # One series per registered policy (0 for those no request used).
+    assert {lab["policy"] for lab, _ in samples(text, "tova_vllm:requests_total")} == set(ENGINE_POLICIES)
 
 
 def test_no_tova_metrics_without_a_policy():

@@ -1,154 +1,322 @@
-"""The policy settings: where they come from and how they are validated.
+"""The KV settings: where they come from and how they are validated.
 
 Every way in (``LLM(kv_policy=...)``, ``vllm serve --kv-policy``,
 ``--additional-config``) ends up as keys of vLLM's ``additional_config`` dict,
-which travels inside ``VllmConfig`` to the engine core and every worker. This
-module turns that dict into a validated `PolicyConfig` (or None: stock vLLM).
+which travels inside ``VllmConfig`` to the engine core and every worker; a
+request may override them in ``SamplingParams.extra_args`` (``vllm_xargs`` in
+the OpenAI API). This module turns either into a validated `KVSettings` (or
+None: stock vLLM). The keys, their help texts and their checks all derive
+from the policy registry (`tova_vllm.policies`): a registered policy's options
+are settings like the built-in ones.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from tova_vllm.policies import (
-    DEFAULT_H2O_RECENT_RATIO,
-    DEFAULT_NUM_SINKS,
-    POLICIES,
-    PolicyConfig,
+    EvictionPolicy,
+    Option,
+    PolicyOptionError,
+    option_keys,
+    policy_class,
+    policy_classes,
+    policy_names,
 )
 
-# Policies the vLLM engine runs: TOVA and the paper's baselines.
-ENGINE_POLICIES: tuple[str, ...] = POLICIES
-
-# additional_config keys, which are also the LLM(...) keyword arguments and, with
-# dashes, the CLI flags.
 KEY_POLICY = "kv_policy"
 KEY_BUDGET = "kv_budget"
-KEY_NUM_SINKS = "kv_num_sinks"
-KEY_H2O_RECENT_RATIO = "kv_h2o_recent_ratio"
-# Per request only (SamplingParams.extra_args / vllm_xargs): how the prompt is
-# processed. "bulk": full causal attention over the prompt, then the policy
-# keeps `budget` of it (fast prefill). "stream": every prompt token attends only
-# to the cache kept so far and eviction runs after each one, as if the prompt
-# were decoded -- the paper's perplexity setup (prompt_logprobs are then
-# predictions from the compressed cache).
+# How a prompt is processed. "bulk": full causal attention over the prompt,
+# then the policy keeps `budget` of it (the paper's; fast prefill). "chunked":
+# the prompt in chunks of kv_prompt_chunk tokens, the cache reduced to the
+# budget after each (bounded memory for long prompts). "stream": every prompt
+# token attends only to the cache kept so far, evicting as a decode step does
+# (the paper's perplexity setup; prompt_logprobs are then predictions from the
+# compressed cache).
 KEY_PROMPT_MODE = "kv_prompt_mode"
-PROMPT_MODES: tuple[str, ...] = ("bulk", "stream")
-POLICY_KEYS: tuple[str, ...] = (
-    KEY_POLICY,
-    KEY_BUDGET,
-    KEY_NUM_SINKS,
-    KEY_H2O_RECENT_RATIO,
-)
-
-# Help text for the CLI flags (also shown by `vllm serve --help`).
-POLICY_ARG_HELP: dict[str, str] = {
-    KEY_POLICY: (
-        "KV-cache eviction policy that caps every sequence's KV cache at "
-        f"--kv-budget tokens per layer. One of: {', '.join(ENGINE_POLICIES)}. "
-        "'tova' drops the token with the lowest attention from the newest "
-        "query (TOVA, arXiv 2401.06104); 'window' keeps the most recent tokens; "
-        "'sink' keeps the first --kv-num-sinks tokens plus the most recent "
-        "(StreamingLLM); 'h2o' keeps a recent window plus the heavy hitters by "
-        "accumulated attention (H2O). Requests may pick another policy and a "
-        "smaller budget (vllm_xargs). Unset: stock vLLM, nothing evicted."
-    ),
-    KEY_BUDGET: (
-        "Tokens kept per layer per sequence when --kv-policy is set "
-        "(a positive integer). Also the largest budget a request may ask for."
-    ),
-    KEY_NUM_SINKS: (
-        "For --kv-policy sink: number of first tokens always kept "
-        f"(default {DEFAULT_NUM_SINKS}, in [0, kv-budget - 1])."
-    ),
-    KEY_H2O_RECENT_RATIO: (
-        "For --kv-policy h2o: share of the budget kept as a recent window, "
-        f"the rest being heavy hitters (default {DEFAULT_H2O_RECENT_RATIO}, in (0, 1))."
-    ),
-}
+KEY_PROMPT_CHUNK = "kv_prompt_chunk"
+PROMPT_MODES: tuple[str, ...] = ("bulk", "chunked", "stream")
+GENERAL_KEYS: tuple[str, ...] = (KEY_POLICY, KEY_BUDGET, KEY_PROMPT_MODE, KEY_PROMPT_CHUNK)
 
 
-class PolicyConfigError(ValueError):
-    """Invalid eviction-policy settings; the message names the parameter."""
+class PolicyConfigError(PolicyOptionError):
+    """Invalid KV settings; the message names the setting and the allowed values."""
 
 
-def _as_int(name: str, value: Any) -> int:
-    """Integers, or strings of integers (JSON/CLI); never bools or floats."""
-    if isinstance(value, bool):
-        raise PolicyConfigError(f"{name} must be a positive integer; got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    raise PolicyConfigError(f"{name} must be a positive integer; got {value!r}")
+@dataclass(frozen=True)
+class KVSettings:
+    """What the engine, or one request, runs with."""
+
+    policy: EvictionPolicy
+    budget: int
+    prompt_mode: str = "bulk"
+    # chunked prompts: tokens per chunk (None: the budget).
+    prompt_chunk: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def chunk(self) -> int:
+        """Prompt tokens between two reductions in ``chunked`` mode."""
+        return self.prompt_chunk or self.budget
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {KEY_POLICY: self.name, KEY_BUDGET: self.budget, KEY_PROMPT_MODE: self.prompt_mode}
+        if self.prompt_chunk is not None:
+            d[KEY_PROMPT_CHUNK] = self.prompt_chunk
+        d.update(self.policy.settings())
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KVSettings:
+        settings = engine_settings(json.loads(text))
+        assert settings is not None
+        return settings
+
+    def describe(self) -> str:
+        """E.g. "'sink' (kv_num_sinks=4) with a budget of 64 tokens per layer per
+        sequence, bulk prompts"."""
+        opts = ", ".join(f"{k}={v}" for k, v in self.policy.settings().items())
+        mode = self.prompt_mode + (f" ({self.chunk}-token chunks)" if self.prompt_mode == "chunked" else "")
+        return f"{self.name!r}{f' ({opts})' if opts else ''} with a budget of {self.budget} tokens per layer per sequence, {mode} prompts"
 
 
-def policy_from_settings(settings: dict[str, Any] | None) -> PolicyConfig | None:
-    """Validated policy from ``additional_config``-style settings, or None.
+# ------------------------------------------------------------ the settings
 
-    Raises `PolicyConfigError` naming the parameter and its allowed values.
-    """
-    settings = settings or {}
-    name = settings.get(KEY_POLICY)
-    budget = settings.get(KEY_BUDGET)
-    extras = [k for k in (KEY_NUM_SINKS, KEY_H2O_RECENT_RATIO) if settings.get(k) is not None]
-    if name is None or name == "none":
-        if budget is not None:
-            raise PolicyConfigError(
-                f"kv_budget={budget!r} was given without kv_policy; set kv_policy to "
-                f"one of {', '.join(ENGINE_POLICIES)} (or drop kv_budget)"
+
+def settings_keys() -> tuple[str, ...]:
+    """Every ``kv_*`` setting: the general ones, then each policy's options."""
+    return (*GENERAL_KEYS, *option_keys())
+
+
+def _names() -> str:
+    return ", ".join(policy_names())
+
+
+def _help_general() -> dict[str, str]:
+    return {
+        KEY_POLICY: (
+            "KV-cache eviction policy that caps every sequence's KV cache at "
+            f"--kv-budget tokens per layer. One of: {_names()}. "
+            + " ".join(f"'{c.name}': {c.describe()[0].lower() + c.describe()[1:]}" for c in policy_classes())
+            + " Requests may pick another policy and a smaller budget (vllm_xargs). "
+            "Unset: stock vLLM, nothing evicted."
+        ),
+        KEY_BUDGET: (
+            "Tokens kept per layer per sequence when --kv-policy is set "
+            "(a positive integer). Also the largest budget a request may ask for."
+        ),
+        KEY_PROMPT_MODE: (
+            f"How prompts are processed, one of: {', '.join(PROMPT_MODES)}. 'bulk' (default): "
+            "full attention over the prompt, then the policy keeps kv-budget tokens. "
+            "'chunked': the prompt in chunks of --kv-prompt-chunk tokens, the cache reduced "
+            "to the budget after each, so a request never holds more than budget + one chunk. "
+            "'stream': every prompt token attends only to the kept cache, as in decoding."
+        ),
+        KEY_PROMPT_CHUNK: (
+            "For --kv-prompt-mode chunked: prompt tokens between two reductions "
+            "(a positive integer; default: the budget)."
+        ),
+    }
+
+
+def setting_help(key: str) -> str:
+    """The help text of a setting (the CLI flag's help)."""
+    general = _help_general()
+    if key in general:
+        return general[key]
+    name = option_keys()[key]
+    opt = _option(key)
+    return f"For --kv-policy {name}: {opt.help} (default {opt.default}, {opt.allowed()})."
+
+
+def _option(key: str) -> Option:
+    cls = policy_class(option_keys()[key])
+    return next(o for o in cls.options() if o.key == key)
+
+
+def cli_settings() -> list[tuple[str, str, type, str]]:
+    """``(flag, dest, type, help)`` of every setting, for argparse."""
+    out = []
+    for key in settings_keys():
+        typ: type = str
+        if key in (KEY_BUDGET, KEY_PROMPT_CHUNK):
+            typ = int
+        elif key in option_keys():
+            typ = _option(key).type
+        out.append(("--" + key.replace("_", "-"), key, typ, setting_help(key)))
+    return out
+
+
+def settings_table() -> str:
+    """The README's settings table (a test checks the README holds it)."""
+    rows = [
+        "| `LLM(...)` keyword / `additional_config` / `vllm_xargs` key | CLI flag | meaning |",
+        "|---|---|---|",
+        f"| `{KEY_POLICY}` | `--kv-policy` | one of {', '.join(f'`{n}`' for n in policy_names())}; unset = stock vLLM |",
+        f"| `{KEY_BUDGET}` | `--kv-budget` | tokens kept per layer per sequence (positive integer); "
+        "a request may ask for any budget up to the engine's |",
+        f"| `{KEY_PROMPT_MODE}` | `--kv-prompt-mode` | {', '.join(f'`{m}`' for m in PROMPT_MODES)} "
+        "(default `bulk`): how prompts are processed |",
+        f"| `{KEY_PROMPT_CHUNK}` | `--kv-prompt-chunk` | `chunked` prompts: tokens between two reductions "
+        "(default: the budget) |",
+    ]
+    for cls in policy_classes():
+        for opt in cls.options():
+            rows.append(
+                f"| `{opt.key}` | `{opt.flag}` | `{cls.name}` only: {opt.help} (default {opt.default}, "
+                f"{opt.allowed()}) |"
             )
+    return "\n".join(rows)
+
+
+def policies_table() -> str:
+    """The README's table of policies and their capabilities."""
+    rows = [
+        "| policy | what it keeps | token set | reads | prefix cache |",
+        "|---|---|---|---|---|",
+    ]
+    for cls in policy_classes():
+        reads = [
+            what
+            for flag, what in (
+                (cls.reads_attention, "newest query's attention"),
+                (cls.accumulates, "attention of every query"),
+                (cls.reads_positions, "positions"),
+                (cls.reads_keys, "keys"),
+            )
+            if flag
+        ]
+        rows.append(
+            f"| `{cls.name}` | {cls.describe()} | {'per KV head' if cls.per_kv_head else 'per layer'} | "
+            f"{', '.join(reads) or '-'} | {'exact' if cls.prefix_cacheable else 'not read'} |"
+        )
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------- validation
+
+
+def _int_setting(key: str, value: Any, lo: int, hi: int | None, *, where: str, strict: bool) -> int:
+    allowed = f"an integer in [{lo}, {hi}]" if hi is not None else "a positive integer"
+    bad = PolicyConfigError(f"{where}{key} must be {allowed}; got {value!r}")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, str) and not strict and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        raise bad
+    return value
+
+
+def _unknown_keys(settings: dict[str, Any], *, where: str) -> None:
+    known = set(settings_keys())
+    unknown = sorted(k for k in settings if isinstance(k, str) and k.startswith("kv_") and k not in known)
+    if unknown:
+        raise PolicyConfigError(
+            f"{where}{unknown[0]} is not a KV setting; allowed keys: {', '.join(settings_keys())}"
+        )
+
+
+def _build(
+    name: Any,
+    budget: int,
+    given: dict[str, Any],
+    inherit: EvictionPolicy | None,
+    *,
+    where: str,
+    strict: bool,
+) -> EvictionPolicy:
+    """The policy ``name`` with the options in ``given`` (others inherited
+    from ``inherit`` when it is the same policy, else defaults), all fitted
+    to ``budget``."""
+    if not isinstance(name, str) or name.lower() not in policy_names():
+        raise PolicyConfigError(f"{where}{KEY_POLICY} must be one of {_names()}; got {name!r}")
+    cls = policy_class(name.lower())
+    own = {o.key for o in cls.options()}
+    for key in given:
+        if key in option_keys() and key not in own:
+            raise PolicyConfigError(
+                f"{where}{key} applies to {KEY_POLICY}={option_keys()[key]!r} only; "
+                f"{'the request runs ' if where else 'got ' + KEY_POLICY + '='}{cls.name!r}"
+            )
+    kwargs = {}
+    try:
+        for opt in cls.options():
+            if opt.key in given:
+                value = given[opt.key]
+                if strict and isinstance(value, str):
+                    raise PolicyOptionError(f"{where}{opt.key} must be {opt.allowed(budget)}; got {value!r}")
+                kwargs[opt.field] = opt.parse(value, budget, where=where)
+            else:
+                base = getattr(inherit, opt.field) if isinstance(inherit, cls) else opt.default
+                kwargs[opt.field] = opt.fit(base, budget)
+        policy = cls(**kwargs)
+        policy.check(budget)
+    except PolicyConfigError:
+        raise
+    except PolicyOptionError as e:
+        raise PolicyConfigError(f"{where}{e}" if where and not str(e).startswith(where) else str(e)) from None
+    return policy
+
+
+def engine_settings(settings: dict[str, Any] | None) -> KVSettings | None:
+    """Validated engine settings from ``additional_config``-style settings,
+    or None (no policy: stock vLLM).
+
+    Raises `PolicyConfigError` naming the setting and its allowed values.
+    """
+    settings = {k: v for k, v in (settings or {}).items() if v is not None}
+    _unknown_keys(settings, where="")
+    name = settings.get(KEY_POLICY)
+    if name is None or name == "none":
+        extras = [k for k in settings_keys() if k in settings and k != KEY_POLICY]
         if extras:
             raise PolicyConfigError(
-                f"{extras[0]} was given without kv_policy; set kv_policy to one of "
-                f"{', '.join(ENGINE_POLICIES)}"
+                f"{extras[0]}={settings[extras[0]]!r} was given without {KEY_POLICY}; set "
+                f"{KEY_POLICY} to one of {_names()} (or drop {extras[0]})"
             )
         return None
-    if not isinstance(name, str) or name.lower() not in ENGINE_POLICIES:
+    if KEY_BUDGET not in settings:
         raise PolicyConfigError(
-            f"kv_policy must be one of {', '.join(ENGINE_POLICIES)}; got {name!r}"
+            f"{KEY_POLICY}={name!r} needs {KEY_BUDGET}, a positive integer (tokens kept per "
+            "layer per sequence)"
         )
-    name = name.lower()
-    if budget is None:
-        raise PolicyConfigError(
-            f"kv_policy={name!r} needs kv_budget, a positive integer (tokens kept "
-            "per layer per sequence)"
-        )
-    kwargs: dict[str, Any] = {"name": name, "budget": _as_int("kv_budget", budget)}
-    if settings.get(KEY_NUM_SINKS) is not None:
-        if name != "sink":
-            raise PolicyConfigError(f"kv_num_sinks applies to kv_policy='sink' only; got kv_policy={name!r}")
-        kwargs["num_sinks"] = _as_int("kv_num_sinks", settings[KEY_NUM_SINKS])
-    if settings.get(KEY_H2O_RECENT_RATIO) is not None:
-        if name != "h2o":
-            raise PolicyConfigError(
-                f"kv_h2o_recent_ratio applies to kv_policy='h2o' only; got kv_policy={name!r}"
-            )
-        ratio = settings[KEY_H2O_RECENT_RATIO]
-        if isinstance(ratio, str):
-            try:
-                ratio = float(ratio)
-            except ValueError:
-                pass
-        kwargs["h2o_recent_ratio"] = ratio
-    try:
-        return PolicyConfig(**kwargs)
-    except ValueError as e:
-        raise PolicyConfigError(str(e)) from None
+    budget = _int_setting(KEY_BUDGET, settings[KEY_BUDGET], 1, None, where="", strict=False)
+    policy = _build(name, budget, settings, None, where="", strict=False)
+    mode = settings.get(KEY_PROMPT_MODE, "bulk")
+    if mode not in PROMPT_MODES:
+        raise PolicyConfigError(f"{KEY_PROMPT_MODE} must be one of {', '.join(PROMPT_MODES)}; got {mode!r}")
+    chunk = settings.get(KEY_PROMPT_CHUNK)
+    if chunk is not None:
+        chunk = _int_setting(KEY_PROMPT_CHUNK, chunk, 1, None, where="", strict=False)
+        _chunk_needs_chunked(mode, where="")
+    return KVSettings(policy, budget, mode, chunk)
 
 
-def policy_from_vllm_config(vllm_config: Any) -> PolicyConfig | None:
-    """The policy of a ``VllmConfig`` (None when no policy is set)."""
+def _chunk_needs_chunked(mode: str, *, where: str) -> None:
+    if mode != "chunked":
+        raise PolicyConfigError(
+            f"{where}{KEY_PROMPT_CHUNK} applies to {KEY_PROMPT_MODE}='chunked' only; got {KEY_PROMPT_MODE}={mode!r}"
+        )
+
+
+def engine_settings_of(vllm_config: Any) -> KVSettings | None:
+    """The settings of a ``VllmConfig`` (None when no policy is set)."""
     additional = getattr(vllm_config, "additional_config", None)
-    return policy_from_settings(additional if isinstance(additional, dict) else None)
+    return engine_settings(additional if isinstance(additional, dict) else None)
 
 
-def merge_policy_settings(
-    additional_config: dict[str, Any] | None, **settings: Any
-) -> dict[str, Any]:
-    """``additional_config`` with the given policy settings (those not None)
-    folded in; a setting given both ways must agree."""
+def merge_settings(additional_config: dict[str, Any] | None, **settings: Any) -> dict[str, Any]:
+    """``additional_config`` with the given settings (those not None) folded
+    in; a setting given both ways must agree."""
     merged = dict(additional_config or {})
     for key, value in settings.items():
         if value is None:
@@ -164,86 +332,43 @@ def merge_policy_settings(
 
 # --------------------------------------------------------------- per request
 
-REQUEST_KEYS: tuple[str, ...] = (*POLICY_KEYS, KEY_PROMPT_MODE)
+REQUEST_PREFIX = "vllm_xargs."
 
 
-@dataclass(frozen=True)
-class RequestPolicy:
-    """What one request runs with: the engine's policy unless the request's
-    ``extra_args`` (``vllm_xargs`` in the OpenAI API) override it."""
+def request_settings(engine: KVSettings | None, extra_args: dict[str, Any] | None) -> KVSettings | None:
+    """The settings one request runs with, or None (stock engine).
 
-    policy: PolicyConfig
-    stream_prompt: bool = False
-
-
-_default_request_policies: dict[PolicyConfig, RequestPolicy] = {}
-
-
-def _request_error(key: str, message: str) -> PolicyConfigError:
-    return PolicyConfigError(f"vllm_xargs.{key} {message}")
-
-
-def request_policy(engine: PolicyConfig | None, extra_args: dict[str, Any] | None) -> RequestPolicy | None:
-    """The policy one request runs with, or None (stock engine, no policy).
-
-    A request may choose any policy of `ENGINE_POLICIES`, a budget in
-    ``[1, engine budget]`` (the engine's blocks per request are sized for its
-    budget), the policy options, and ``kv_prompt_mode``. Raises
+    A request may choose any registered policy, a budget in ``[1, engine
+    budget]`` (the engine's blocks per request are sized for its budget), the
+    policy's options (unspecified ones are the engine's when it names the
+    engine's policy, else the defaults), the prompt mode and chunk. Unknown
+    ``kv_*`` keys and booleans for numbers are refused. Raises
     `PolicyConfigError` naming the field and its allowed values.
     """
-    given = {k: v for k, v in (extra_args or {}).items() if k in REQUEST_KEYS and v is not None}
+    where = REQUEST_PREFIX
+    given = {k: v for k, v in (extra_args or {}).items() if isinstance(k, str) and k.startswith("kv_")}
     if engine is None:
         if given:
             key = next(iter(given))
-            raise _request_error(
-                key,
-                "needs a server started with a KV eviction policy (--kv-policy / "
-                "kv_policy=...); this engine runs without one",
+            raise PolicyConfigError(
+                f"{where}{key} needs a server started with a KV eviction policy (--kv-policy / "
+                "kv_policy=...); this engine runs without one"
             )
         return None
     if not given:
-        default = _default_request_policies.get(engine)
-        if default is None:
-            default = _default_request_policies.setdefault(engine, RequestPolicy(engine))
-        return default
+        return engine
+    _unknown_keys(given, where=where)
     name = given.get(KEY_POLICY, engine.name)
-    if not isinstance(name, str) or name.lower() not in ENGINE_POLICIES:
-        raise _request_error(KEY_POLICY, f"must be one of {', '.join(ENGINE_POLICIES)}; got {name!r}")
-    name = name.lower()
-    budget = given.get(KEY_BUDGET, engine.budget)
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= engine.budget:
-        raise _request_error(
-            KEY_BUDGET,
-            f"must be an integer in [1, {engine.budget}] (the server's kv_budget); got {budget!r}",
-        )
-    kwargs: dict[str, Any] = {"name": name, "budget": budget}
-    if KEY_NUM_SINKS in given:
-        if name != "sink":
-            raise _request_error(KEY_NUM_SINKS, f"applies to kv_policy='sink' only; the request runs {name!r}")
-        sinks = given[KEY_NUM_SINKS]
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or not 0 <= sinks < budget:
-            raise _request_error(KEY_NUM_SINKS, f"must be an integer in [0, {budget - 1}]; got {sinks!r}")
-        kwargs["num_sinks"] = sinks
-    elif name == engine.name:
-        kwargs["num_sinks"] = min(engine.num_sinks, budget - 1)
-    elif name == "sink":
-        kwargs["num_sinks"] = min(DEFAULT_NUM_SINKS, budget - 1)
-    if KEY_H2O_RECENT_RATIO in given:
-        if name != "h2o":
-            raise _request_error(
-                KEY_H2O_RECENT_RATIO, f"applies to kv_policy='h2o' only; the request runs {name!r}"
-            )
-        ratio = given[KEY_H2O_RECENT_RATIO]
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise _request_error(KEY_H2O_RECENT_RATIO, f"must be a number in (0, 1); got {ratio!r}")
-        kwargs["h2o_recent_ratio"] = float(ratio)
-    elif name == engine.name:
-        kwargs["h2o_recent_ratio"] = engine.h2o_recent_ratio
-    mode = given.get(KEY_PROMPT_MODE, "bulk")
+    budget = engine.budget
+    if KEY_BUDGET in given:
+        budget = _int_setting(KEY_BUDGET, given[KEY_BUDGET], 1, engine.budget, where=where, strict=True)
+    policy = _build(name, budget, given, engine.policy, where=where, strict=True)
+    mode = given.get(KEY_PROMPT_MODE, engine.prompt_mode)
     if mode not in PROMPT_MODES:
-        raise _request_error(KEY_PROMPT_MODE, f"must be one of {', '.join(PROMPT_MODES)}; got {mode!r}")
-    try:
-        policy = PolicyConfig(**kwargs)
-    except ValueError as e:  # pragma: no cover (each field is checked above)
-        raise PolicyConfigError(f"vllm_xargs: {e}") from None
-    return RequestPolicy(policy, stream_prompt=mode == "stream")
+        raise PolicyConfigError(f"{where}{KEY_PROMPT_MODE} must be one of {', '.join(PROMPT_MODES)}; got {mode!r}")
+    chunk = engine.prompt_chunk
+    if KEY_PROMPT_CHUNK in given:
+        chunk = _int_setting(KEY_PROMPT_CHUNK, given[KEY_PROMPT_CHUNK], 1, None, where=where, strict=True)
+        _chunk_needs_chunked(mode, where=where)
+    settings = KVSettings(policy, budget, mode, chunk)
+    return engine if settings == engine else settings

@@ -8,7 +8,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from tova_vllm.config import PolicyConfigError, policy_from_vllm_config
+from tova_vllm.config import PolicyConfigError, engine_settings_of
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -32,19 +32,19 @@ def _unsupported_model_reason(vllm_config: Any) -> str | None:
     window = model_config.get_sliding_window()
     if window is not None:
         return f"sliding-window attention (sliding_window={window})"
-    hf = model_config.hf_text_config
-    for attr in ("layer_types", "sliding_window_pattern"):
-        value = getattr(hf, attr, None)
-        if attr == "layer_types" and value and any(t != "full_attention" for t in value):
-            return f"mixed attention layer types ({sorted(set(value))})"
+    layer_types = getattr(model_config.hf_text_config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return f"mixed attention layer types ({sorted(set(layer_types))})"
     return None
 
 
-def h2o_unsupported_reason(vllm_config: Any) -> str | None:
-    """H2O scores each KV head by the mean over its query heads. When tensor
-    parallelism replicates KV heads (more ranks than KV heads), a rank holds
-    only part of a head's query group, so the ranks would score differently
-    from one device."""
+def tensor_parallel_unsupported_reason(vllm_config: Any, policy_cls: type) -> str | None:
+    """A policy that scores each KV head by its own query heads (H2O) needs a
+    rank to hold every query head of its KV heads: with more ranks than KV
+    heads vLLM replicates KV heads and splits their query groups, so ranks
+    would score differently from one device."""
+    if not policy_cls.needs_whole_query_groups():
+        return None
     try:
         tp = vllm_config.parallel_config.tensor_parallel_size
         kv_heads = vllm_config.model_config.get_total_num_kv_heads()
@@ -52,8 +52,9 @@ def h2o_unsupported_reason(vllm_config: Any) -> str | None:
         return None
     if tp > kv_heads:
         return (
-            f"kv_policy='h2o' needs tensor_parallel_size <= the model's KV heads "
-            f"({kv_heads}); got tensor_parallel_size={tp} (tova, window and sink work)"
+            f"kv_policy={policy_cls.name!r} needs tensor_parallel_size <= the model's KV heads "
+            f"({kv_heads}); got tensor_parallel_size={tp} (policies that rank by the layer's mean "
+            "attention, by position or by keys work)"
         )
     return None
 
@@ -67,54 +68,82 @@ def pin_v1_model_runner() -> None:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
-def prepare_vllm_config(vllm_config: Any) -> None:
-    """Validate the model and adjust the config for the policy, in place."""
-    policy = policy_from_vllm_config(vllm_config)
-    if policy is None:
+def requested_cudagraph_mode(compilation_config: Any) -> str | None:
+    """The cudagraph mode a user asked for (EngineArgs.compilation_config: a
+    CompilationConfig, a dict or JSON), before a platform resolves it."""
+    if isinstance(compilation_config, str):
+        import json
+
+        try:
+            compilation_config = json.loads(compilation_config)
+        except ValueError:
+            return None
+    mode = compilation_config.get("cudagraph_mode") if isinstance(compilation_config, dict) else getattr(
+        compilation_config, "cudagraph_mode", None
+    )
+    return None if mode is None else str(getattr(mode, "name", mode)).upper()
+
+
+def _refuse_full_cuda_graphs(vllm_config: Any, name: str, requested: str | None) -> None:
+    """The metadata builder plans each step in Python (AttentionCGSupport.NEVER),
+    so vLLM runs these layers eagerly between CUDA-graph pieces. A FULL graph
+    would replay a captured step and silently skip the eviction."""
+    resolved = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    for mode in (requested, None if resolved is None else getattr(resolved, "name", str(resolved))):
+        if mode in ("FULL", "FULL_DECODE_ONLY"):
+            raise PolicyConfigError(
+                f"kv_policy={name!r} does not support cudagraph_mode={mode}: the eviction "
+            "runs in Python between graph pieces, so a full graph would skip it; use "
+            "cudagraph_mode PIECEWISE (the default with a policy), FULL_AND_PIECEWISE or NONE"
+        )
+
+
+def prepare_vllm_config(vllm_config: Any, requested_cudagraph: str | None = None) -> None:
+    """Validate the model and adjust the config for the policy, in place
+    (``requested_cudagraph``: the cudagraph mode the user asked for)."""
+    settings = engine_settings_of(vllm_config)
+    if settings is None:
         return
+    name = settings.name
     reason = _unsupported_model_reason(vllm_config)
     if reason is not None:
         raise PolicyConfigError(
-            f"kv_policy={policy.name!r} cannot be used with model "
+            f"kv_policy={name!r} cannot be used with model "
             f"{vllm_config.model_config.model!r}: it uses {reason}; "
             f"kv_policy supports {SUPPORTED_ATTENTION}"
         )
-    if policy.name == "h2o" and (reason := h2o_unsupported_reason(vllm_config)):
+    if reason := tensor_parallel_unsupported_reason(vllm_config, type(settings.policy)):
         raise PolicyConfigError(reason)
     if vllm_config.speculative_config is not None:
         raise PolicyConfigError(
-            f"kv_policy={policy.name!r} does not support speculative decoding; "
-            "drop speculative_config or kv_policy"
+            f"kv_policy={name!r} does not support speculative decoding; drop speculative_config or kv_policy"
         )
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        raise PolicyConfigError(
+            f"kv_policy={name!r} does not support KV connectors (kv_transfer_config): a "
+            "request's kept slots are not the prompt blocks a connector moves"
+        )
+    _refuse_full_cuda_graphs(vllm_config, name, requested_cudagraph)
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:
         logger.warning(
             "tova-vllm: prefix caching is switched off with kv_policy=%r: the "
             "tokens a sequence keeps depend on its attention history, so cached "
             "prefix blocks cannot be shared.",
-            policy.name,
+            name,
         )
         cache_config.enable_prefix_caching = False
     pin_v1_model_runner()
     if not getattr(cache_config, "user_specified_block_size", True):
-        # A request keeps budget + 1 slots; small blocks waste less of the last
+        # A request keeps `budget` slots; small blocks waste less of the last
         # one (the TOVA backend takes any block size).
         cache_config.block_size = TOVA_DEFAULT_BLOCK_SIZE
     max_model_len = vllm_config.model_config.max_model_len
-    if policy.budget >= max_model_len:
+    if settings.budget >= max_model_len:
         logger.warning(
             "tova-vllm: kv_budget=%d >= max_model_len=%d: no sequence can exceed the "
             "budget, so nothing will ever be evicted.",
-            policy.budget,
+            settings.budget,
             max_model_len,
         )
-    logger.info(
-        "tova-vllm: KV eviction policy %r with a budget of %d tokens per layer per "
-        "sequence%s.",
-        policy.name,
-        policy.budget,
-        {
-            "sink": f" ({policy.num_sinks} sinks)",
-            "h2o": f" ({policy.h2o_recent} recent, {policy.budget - policy.h2o_recent} heavy hitters)",
-        }.get(policy.name, ""),
-    )
+    logger.info("tova-vllm: KV eviction policy %s.", settings.describe())

@@ -27,3 +27,49 @@ def blocks_at_release(llm: Any, request_id: str) -> int | None:
         if key.startswith(f"{request_id}-"):
             return value
     return None
+
+
+def kept_positions(llm: Any, request_id: str) -> dict[str, Any] | None:
+    """What a running request keeps, read from the workers' KV caches:
+    ``{"tokens": n, "layers": {layer name: [[positions of KV head 0], ...]}}``
+    (positions sorted), where ``n`` is the number of tokens whose K/V the
+    request has processed (its prompt and every generated token but the last);
+    None while its prompt is still being processed. A debugging aid: the
+    workers run a function sent from here, which vLLM allows with
+    ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``. With tensor parallelism, rank 0's
+    heads. vLLM answers between engine steps, so the state is consistent; with
+    a multiprocess engine core the engine may have run further steps than the
+    caller saw (``tokens`` says which state this is)."""
+    return llm.collective_rpc(_kept_positions_on_worker, args=(request_id,))[0]
+
+
+def _kept_positions_on_worker(worker: Any, request_id: str) -> dict[str, Any] | None:
+    import torch
+
+    from tova_vllm.backend.impl import TovaAttentionImpl
+    from tova_vllm.backend.slots import SlotView, row_slot_ids
+    from tova_vllm.config import engine_settings_of, request_settings
+
+    runner = worker.model_runner
+    batch = runner.input_batch
+    if request_id not in batch.req_id_to_index:  # engine ids may carry a suffix after the user's
+        request_id = next((r for r in batch.req_id_to_index if r.startswith(f"{request_id}-")), request_id)
+    row = batch.req_id_to_index[request_id]
+    state = runner.requests[request_id]
+    if not state.output_token_ids:
+        return None
+    tokens = state.num_prompt_tokens + len(state.output_token_ids) - 1
+    settings = request_settings(engine_settings_of(runner.vllm_config), state.sampling_params.extra_args)
+    held = min(tokens, settings.budget)
+    block_row = torch.from_numpy(batch.block_table.block_tables[0].block_table.np[row].copy())
+    layers = {}
+    for name, module in runner.compilation_config.static_forward_context.items():
+        impl = getattr(module, "impl", None)
+        if not isinstance(impl, TovaAttentionImpl):
+            continue
+        cache = module.kv_cache[0] if isinstance(module.kv_cache, (list, tuple)) else module.kv_cache
+        view = SlotView(cache, impl.head_size)
+        ids = row_slot_ids(block_row.to(cache.device), torch.arange(held, device=cache.device), view.block_size)
+        pos = view.positions[ids].T.cpu()  # [Hkv, held]
+        layers[name] = [sorted(p.tolist()) for p in pos]
+    return {"tokens": tokens, "layers": layers}

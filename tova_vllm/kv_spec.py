@@ -1,17 +1,19 @@
 """Scheduler side: a KV cache spec and manager that cap each request's blocks.
 
-Invariant (per request, budget ``k``, same for every layer of the group):
-slots ``0 .. k-1`` hold the kept tokens and slot ``k`` is the scratch slot each
-new decode token is written to, so a request needs ``ceil((k + 1) / block_size)``
-blocks once its prompt is processed. While a prompt longer than ``k`` is
-prefilled it holds one slot per prompt token; the worker reduces it to ``k`` at
-the end of the prompt and the blocks past the cap return to the pool on the
-scheduler's next step (`TovaKVCacheManager.remove_skipped_blocks`).
+Invariant (per request with budget ``k``, the same for every layer of the
+group; see `tova_vllm.backend.planning`): once its prompt is processed a
+request's kept tokens fill at most slots ``0 .. k-1``, so it needs
+``ceil(k / block_size)`` blocks. While its prompt is prefilled it holds one
+slot per prompt token (``bulk``), or at most ``k + chunk`` (``chunked``);
+the worker reduces the prompt to ``k`` at its end, and the blocks past the cap
+return to the pool when the scheduler next sees that step committed
+(`TovaKVCacheManager.remove_skipped_blocks`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,29 +23,35 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
+from tova_vllm.backend.planning import MODE_CODES, slots_needed
+from tova_vllm.config import KVSettings
+
 _MAX_RELEASED_RECORDS = 4096
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_from_json(text: str) -> KVSettings:
+    return KVSettings.from_json(text)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TovaAttentionSpec(AttentionSpec):
-    """Full attention whose per-request KV is capped at ``kv_budget`` tokens."""
+    """Full attention whose per-request KV is capped at ``kv_budget`` tokens.
+    ``kv_settings`` is the engine's `KVSettings` (policy, options, prompt
+    mode) as JSON: any registered policy, generically."""
 
     kv_budget: int
-    kv_policy: str = "tova"
-    kv_num_sinks: int = 4
-    kv_h2o_recent_ratio: float = 0.5
+    kv_settings: str
 
     @property
-    def engine_policy(self):
-        """The engine's `PolicyConfig` (requests may override it)."""
-        from tova_vllm.policies import PolicyConfig
-
-        return PolicyConfig(self.kv_policy, self.kv_budget, self.kv_num_sinks, self.kv_h2o_recent_ratio)
+    def engine_settings(self) -> KVSettings:
+        """The engine's settings (requests may override them)."""
+        return _settings_from_json(self.kv_settings)
 
     @property
     def cap_tokens(self) -> int:
-        """Slots a request keeps after its prompt: the budget plus the scratch."""
-        return self.kv_budget + 1
+        """Slots a request keeps once its prompt is processed: the budget."""
+        return self.kv_budget
 
     @property
     def prefix_cacheable(self) -> bool:
@@ -59,9 +67,7 @@ class TovaAttentionSpec(AttentionSpec):
     @classmethod
     def merge(cls, specs: list[TovaAttentionSpec]) -> TovaAttentionSpec:
         if not all(spec == specs[0] for spec in specs[1:]):
-            raise AssertionError(
-                "All TOVA attention layers of a KV cache group must have the same spec."
-            )
+            raise AssertionError("All TOVA attention layers of a KV cache group must have the same spec.")
         return copy.deepcopy(specs[0])
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
@@ -82,22 +88,28 @@ class PolicyStats:
     blocks_without_eviction: int = 0
 
 
+@dataclass(frozen=True)
+class _Request:
+    budget: int
+    mode: int
+    chunk: int
+    policy: str
+
+
 class TovaKVCacheManager(SingleTypeKVCacheManager):
-    """Allocates at most ``max(prompt, budget + 1)`` slots per request (the
-    request's own budget, see `tova_vllm.config.request_policy`) and frees the
-    prompt's extra blocks once the prompt is processed. No prefix caching."""
+    """Allocates what `planning.slots_needed` says per request (its own
+    settings, `tova_vllm.config.request_settings`) and frees the prompt's
+    extra blocks once the prompt is processed. No prefix caching."""
 
     supports_fine_grained_hash_lookup: ClassVar[bool] = False
 
     def __init__(self, kv_cache_spec: TovaAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.cap_tokens = kv_cache_spec.cap_tokens
-        self.cap_blocks = cdiv(self.cap_tokens, self.block_size)
-        # Per running request, told by the kv_cache_manager seam before each
-        # allocation: its budget + 1, whether its prompt is streamed, its policy.
-        self._cap: dict[str, int] = {}
-        self._stream: set[str] = set()
-        self._policy_name: dict[str, str] = {}
+        engine = kv_cache_spec.engine_settings
+        self._engine = _Request(engine.budget, MODE_CODES[engine.prompt_mode], engine.chunk, engine.name)
+        # Per running request, told by the kv_cache_manager seam before its
+        # first allocation (again after a preemption).
+        self._requests: dict[str, _Request] = {}
         # Prompt length per running request, learnt from remove_skipped_blocks,
         # which the scheduler calls before every allocation of a step.
         self._prompt_len: dict[str, int] = {}
@@ -115,30 +127,26 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
     def has_positionally_stable_blocks(self) -> bool:
         return False
 
-    def note_request(self, request_id: str, budget: int, policy: str, stream_prompt: bool) -> None:
-        """The request's own settings (`tova_vllm.config.RequestPolicy`)."""
-        self._cap[request_id] = min(budget + 1, self.cap_tokens)
-        self._policy_name[request_id] = policy
-        if stream_prompt:
-            self._stream.add(request_id)
+    def note_request(self, request_id: str, settings: KVSettings) -> None:
+        """The request's own settings."""
+        self._requests[request_id] = _Request(
+            settings.budget, MODE_CODES[settings.prompt_mode], settings.chunk, settings.name
+        )
+
+    def knows(self, request_id: str) -> bool:
+        return request_id in self._requests
 
     def note_release(self, request_id: str, finished: bool, num_computed_tokens: int) -> None:
         self._releasing[request_id] = (finished, num_computed_tokens)
 
-    def cap_of(self, request_id: str) -> int:
-        return self._cap.get(request_id, self.cap_tokens)
+    def budget_of(self, request_id: str) -> int:
+        return self._requests.get(request_id, self._engine).budget
 
     def slots_needed(self, request_id: str, num_tokens: int, prompt_len: int | None = None) -> int:
-        """Slots for ``num_tokens`` tokens: the prompt's while it is being
-        prefilled in bulk (also when a preempted request recomputes prompt +
-        output in one chunk), the cap once the prompt is processed or when it
-        is streamed (each prompt token is then evicted for like a decode)."""
-        cap = self.cap_of(request_id)
-        if request_id in self._reduced or request_id in self._stream:
-            return min(num_tokens, cap)
+        r = self._requests.get(request_id, self._engine)
         if prompt_len is None:
             prompt_len = self._prompt_len.get(request_id, num_tokens)
-        return min(num_tokens, max(prompt_len, cap))
+        return slots_needed(num_tokens, prompt_len, r.budget, r.mode, r.chunk, request_id in self._reduced)
 
     def get_num_blocks_to_allocate(
         self,
@@ -156,9 +164,7 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         return max(needed - len(self.req_to_blocks.get(request_id, ())), 0)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        return super().allocate_new_blocks(
-            request_id, self.slots_needed(request_id, num_tokens), num_tokens_main_model
-        )
+        return super().allocate_new_blocks(request_id, self.slots_needed(request_id, num_tokens), num_tokens_main_model)
 
     def remove_skipped_blocks(
         self,
@@ -166,27 +172,27 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         processed_computed_tokens: int,
         num_prompt_tokens: int | None = None,
     ) -> None:
+        # processed_computed_tokens counts committed steps only (not those in
+        # flight under async scheduling): the reduction has run.
         if num_prompt_tokens is not None:
             self._prompt_len[request_id] = num_prompt_tokens
         prompt_len = self._prompt_len.get(request_id)
         if prompt_len is None or processed_computed_tokens < prompt_len:
             return
-        # The worker has reduced the prompt to the budget: free the tail.
         self._reduced.add(request_id)
-        cap_blocks = cdiv(self.cap_of(request_id), self.block_size)
+        cap_blocks = cdiv(self.budget_of(request_id), self.block_size)
         blocks = self.req_to_blocks.get(request_id)
         if blocks and len(blocks) > cap_blocks:
+            # The worker's block-table row keeps these ids, past the slots
+            # the request will ever use again.
             freed = blocks[cap_blocks:]
             del blocks[cap_blocks:]
             self.block_pool.free_blocks(reversed(freed))
 
     def pop_blocks_for_free(self, request_id: str):
-        cap = self.cap_of(request_id)
-        policy = self._policy_name.pop(request_id, self.kv_cache_spec.kv_policy)
-        for state in (self._prompt_len, self._cap):
-            state.pop(request_id, None)
+        r = self._requests.pop(request_id, self._engine)
+        self._prompt_len.pop(request_id, None)
         self._reduced.discard(request_id)
-        self._stream.discard(request_id)
         blocks = super().pop_blocks_for_free(request_id)
         held = len(blocks)
         self.blocks_at_release[request_id] = held
@@ -195,9 +201,9 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
             self.blocks_at_release.popitem(last=False)
         finished, tokens = self._releasing.pop(request_id, (False, 0))
         if finished:
-            stats = self.stats.setdefault(policy, PolicyStats())
+            stats = self.stats.setdefault(r.policy, PolicyStats())
             stats.requests += 1
-            stats.tokens_evicted += max(tokens - (cap - 1), 0)
+            stats.tokens_evicted += max(tokens - r.budget, 0)
             stats.blocks_held += held
             stats.blocks_without_eviction += cdiv(tokens, self.block_size)
         return blocks
@@ -220,6 +226,4 @@ def register_kv_cache_spec() -> None:
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     KVCacheSpecRegistry._ensure_registered()
-    KVCacheSpecRegistry.register(
-        TovaAttentionSpec, TovaKVCacheManager, uniform_type_base_spec=TovaAttentionSpec
-    )
+    KVCacheSpecRegistry.register(TovaAttentionSpec, TovaKVCacheManager, uniform_type_base_spec=TovaAttentionSpec)

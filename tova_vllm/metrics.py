@@ -32,9 +32,9 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from tova_vllm.config import POLICY_KEYS, merge_policy_settings, policy_from_settings
+from tova_vllm.config import KVSettings, engine_settings, merge_settings, settings_keys
 from tova_vllm.patch.engine_core import METHOD as KV_STATE_METHOD
-from tova_vllm.policies import PolicyConfig
+from tova_vllm.policies import policy_names
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -71,15 +71,15 @@ ENGINE_GAUGES: tuple[tuple[str, Any, str], ...] = (
 LABELS = ("model_name", "engine")
 
 
-def policy_from_cli_args(args: Any) -> PolicyConfig | None:
-    """The server's policy from ``vllm serve``'s parsed arguments (the CLI
+def settings_from_cli_args(args: Any) -> KVSettings | None:
+    """The server's settings from ``vllm serve``'s parsed arguments (the CLI
     flags and ``--additional-config``), or None."""
     additional = getattr(args, "additional_config", None)
-    settings = merge_policy_settings(
+    settings = merge_settings(
         additional if isinstance(additional, dict) else None,
-        **{key: getattr(args, key, None) for key in POLICY_KEYS},
+        **{key: getattr(args, key, None) for key in settings_keys()},
     )
-    return policy_from_settings(settings)
+    return engine_settings(settings)
 
 
 class TovaCollector:
@@ -113,8 +113,10 @@ class TovaCollector:
         for name, field, doc in POLICY_COUNTERS:
             family = CounterMetricFamily(PREFIX + name, doc, labels=("policy", *LABELS))
             for engine, state in sorted(states.items()):
-                for policy, counters in sorted(state.get("stats", {}).items()):
-                    family.add_metric((policy, model_name, engine), counters.get(field, 0))
+                stats = state.get("stats", {})
+                # Every registered policy has its series (0 until it serves).
+                for policy in (*policy_names(), *sorted(set(stats) - set(policy_names()))):
+                    family.add_metric((policy, model_name, engine), stats.get(policy, {}).get(field, 0))
             yield family
         for name, source, doc in ENGINE_GAUGES:
             family = GaugeMetricFamily(PREFIX + name, doc, labels=LABELS)
@@ -207,8 +209,8 @@ class RefreshBeforeScrape:
 def install(app: Any) -> bool:
     """Expose the metrics on ``app`` (vLLM's FastAPI app, before it starts)
     when its arguments set a policy. Returns whether it did."""
-    policy = policy_from_cli_args(getattr(app.state, "args", None))
-    if policy is None:
+    settings = settings_from_cli_args(getattr(app.state, "args", None))
+    if settings is None:
         return False
     collector()
     app.add_middleware(RefreshBeforeScrape)

@@ -2,8 +2,10 @@
 
 * `register` (entry point group ``vllm.general_plugins``): vLLM calls it in
   every process it starts (API server, engine core, each worker, Ray actors
-  included). It checks the vLLM version once, registers the TOVA attention
-  backend name and KV cache spec, and applies the seams. Idempotent.
+  included). It checks the vLLM version once, loads the eviction policies
+  (this package's and the ``tova_vllm.policies`` entry points of other
+  packages), registers the TOVA attention backend name and KV cache spec, and
+  applies the seams. Idempotent.
 * `early_hook` (group ``vllm.platform_plugins``): vLLM calls platform plugins
   while ``vllm.engine.arg_utils`` is being imported, i.e. before any
   ``LLM(...)`` builds its EngineArgs and before general plugins load. It only
@@ -30,15 +32,37 @@ def register() -> None:
     from tova_vllm import patch
     from tova_vllm.backend import BACKEND_NAME
     from tova_vllm.kv_spec import register_kv_cache_spec
+    from tova_vllm.policies import load_plugins
 
     patch.check_vllm_version()
+    load_plugins()
+    carry_settings_to_ray()
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if BACKEND_NAME not in AttentionBackendEnum._member_map_:
-        register_backend(BACKEND_NAME, "tova_vllm.backend.TovaAttentionBackend")
+        register_backend(BACKEND_NAME, "tova_vllm.backend.backend.TovaAttentionBackend")
     register_kv_cache_spec()
     patch.apply_all()
     _registered = True
+
+
+ENV_PREFIX = "TOVA_VLLM_"
+RAY_EXTRA_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
+
+
+def carry_settings_to_ray() -> None:
+    """vLLM copies its own variables (VLLM_*, NCCL_*, ...) to Ray workers;
+    this plugin's (TOVA_VLLM_*, e.g. TOVA_VLLM_CUDA_FAST_PATH) ride along
+    through vLLM's VLLM_RAY_EXTRA_ENV_VARS_TO_COPY. Idempotent."""
+    import os
+
+    ours = sorted(name for name in os.environ if name.startswith(ENV_PREFIX))
+    if not ours:
+        return
+    listed = [t.strip() for t in os.environ.get(RAY_EXTRA_ENV, "").split(",") if t.strip()]
+    missing = [name for name in ours if name not in listed]
+    if missing:
+        os.environ[RAY_EXTRA_ENV] = ",".join(listed + missing)
 
 
 def _patch_when_arg_utils_returns() -> bool:

@@ -32,17 +32,22 @@ Semantics (budget ``k`` per layer and sequence; see ../shared/design.md):
 
 * A forward of ``q`` new tokens attends (causally) over the kept tokens plus the
   new ones. Afterwards, if the layer holds more than ``k`` slots, it is reduced
-  to ``k``: by `policies.evict_one` when one slot is over (a decode step), else
-  by one bulk `policies.keep_top` (a prompt). The new token itself can go.
-* Priorities (higher = kept; ties evict the lowest slot = the oldest token):
-  tova: the last query's probabilities averaged over all query heads; window:
-  position; sink: position with the first ``num_sinks`` protected; h2o (per KV
-  head): attention accumulated over every valid query so far (mean over the KV
-  head's query heads), the ``h2o_recent`` newest positions protected.
-* Padding never counts: invalid slots have priority -inf (evicted first), so a
-  row keeps min(real tokens, k) real tokens; its other slots stay masked.
+  to ``k``: by `selection.evict_one` when one slot is over (a decode step), else
+  by one bulk `selection.keep_top` (a prompt, or a prompt chunk). The new token
+  itself can go.
+* Priorities come from the policy object (`tova_vllm.policies`, the same the
+  vLLM backend runs) over a `Candidates` view of the layer's slots; ties evict
+  the lowest slot = the oldest token (`tova_vllm.policies.selection`).
+* Padding never counts: slots holding no token are `selection.EMPTY` (evicted
+  first), so a row keeps min(real tokens, k) real tokens; its other slots stay
+  masked.
 * Scores are taken from the float32 softmax (before the cast to the model
-  dtype), so bf16 models rank by float32 probabilities.
+  dtype), so bf16 models rank by float32 probabilities; a float64 model ranks
+  in float64.
+* Prompt modes (`KVSettings.prompt_mode`): ``bulk``, one prompt forward;
+  ``chunked``, forwards of ``KVSettings.chunk`` tokens (from position 0), each
+  reduced to the budget; ``stream``, the first ``min(P, k)`` tokens in one
+  forward (nothing can be evicted before), then one token per forward.
 """
 
 from __future__ import annotations
@@ -58,8 +63,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from tova_vllm import policies
-from tova_vllm.policies import PolicyConfig
+from tova_vllm.config import KVSettings
+from tova_vllm.policies import Candidates, selection
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -96,11 +101,16 @@ class EvictionLayer(CacheLayerMixin):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, policy: PolicyConfig | None = None):
+    def __init__(self, settings: KVSettings | None = None, trace: bool = False):
         super().__init__()
-        if policy is not None and not isinstance(policy, PolicyConfig):
-            raise TypeError(f"policy must be a PolicyConfig or None; got {type(policy).__name__}")
-        self.policy = policy
+        # With trace: the last selection's candidates, (positions [B, H, n],
+        # masked priority [B, G, n]), for divergence reports.
+        self.trace = trace
+        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
+        if settings is not None and not isinstance(settings, KVSettings):
+            raise TypeError(f"settings must be a KVSettings or None; got {type(settings).__name__}")
+        self.settings = settings
+        self.policy = None if settings is None else settings.policy
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
@@ -118,7 +128,7 @@ class EvictionLayer(CacheLayerMixin):
         self.positions = torch.zeros((b, h, 0), dtype=torch.long, device=self.device)
         self.valid = torch.zeros((b, h, 0), dtype=torch.bool, device=self.device)
         self.real_seen = torch.zeros((b,), dtype=torch.long, device=self.device)
-        if self.policy is not None and self.policy.name == "h2o":
+        if self.policy is not None and self.policy.accumulates:
             self.scores = torch.zeros((b, h, 0), dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
@@ -179,7 +189,7 @@ class EvictionLayer(CacheLayerMixin):
 
     @property
     def budget(self) -> int | None:
-        return None if self.policy is None else self.policy.budget
+        return None if self.settings is None else self.settings.budget
 
     def finish_step(
         self, probs: torch.Tensor, new_valid: torch.Tensor, new_positions: torch.Tensor
@@ -202,42 +212,48 @@ class EvictionLayer(CacheLayerMixin):
         self.positions = torch.cat([self.positions, new_positions[:, None, :].expand(b, h, q)], dim=-1)
         self.real_seen = self.real_seen + new_valid.sum(dim=-1)
 
-        if self.scores is not None:  # h2o: accumulate over every valid query
-            per_kv = policies.head_average(probs.transpose(1, 2), num_kv_heads=h)  # [B, q, H, n]
+        if self.scores is not None:  # accumulate over every valid query (h2o)
+            per_kv = selection.head_average(probs.transpose(1, 2), num_kv_heads=h)  # [B, q, H, n]
             per_kv = per_kv * new_valid[:, :, None, None].to(per_kv.dtype)
             scores = torch.cat([self.scores, self.scores.new_zeros((b, h, q))], dim=-1)
-            self.scores = scores + per_kv.sum(dim=1)
+            self.scores = self.policy.accumulate(scores, per_kv.sum(dim=1))
 
         k = self.budget
         if k is None or n <= k:
             return
-        priority = self._priority(probs)  # [B, G, n], G = 1 or H
+        priority = self.priority(probs)  # [B, G, n], G = 1 or H
+        if self.trace:
+            self.last_selection = (self.positions.clone(), priority.clone())
         if n - k == 1:
-            drop = policies.evict_one(priority)  # [B, G]
+            drop = selection.evict_one(priority)  # [B, G]
             ar = torch.arange(k, device=priority.device)
             kept = ar + (ar >= drop[..., None]).long()  # every slot but `drop`, in order
         else:
-            kept = policies.keep_top(priority, k)  # [B, G, k] ascending
+            kept = selection.keep_top(priority, k)  # [B, G, k] ascending
         self._gather(kept.expand(b, h, k))
 
-    def _priority(self, probs: torch.Tensor) -> torch.Tensor:
-        cfg = self.policy
-        if cfg.head_wise:  # h2o
-            pos, valid = self.positions, self.valid
-            newest = pos.masked_fill(~valid, -1).amax(dim=-1)  # [B, H]
-            protected = policies.recent_protected(pos, newest, cfg.h2o_recent)
-            return policies.masked_priority(self.scores, protected, valid)
-        # Shared token set: every head holds the same tokens, use head 0's bookkeeping.
-        pos, valid = self.positions[:, :1], self.valid[:, :1]
-        if cfg.name == "tova":
-            pri = policies.head_average(probs[:, :, -1, :])[:, None, :]  # [B, 1, n]
-            return policies.masked_priority(pri, None, valid)
-        if cfg.name == "window":
-            return policies.masked_priority(policies.window_priority(pos), None, valid)
-        if cfg.name == "sink":
-            protected = policies.sink_protected(pos, cfg.num_sinks)
-            return policies.masked_priority(policies.window_priority(pos), protected, valid)
-        raise ValueError(f"unknown policy {cfg.name!r}")  # pragma: no cover (validated)
+    def priority(self, probs: torch.Tensor) -> torch.Tensor:
+        """The policy's masked keep priority of every slot, ``[B, G, n]``
+        (``probs``: this step's ``[B, Hq, q, n]``; its last query is the newest)."""
+        b, h, n, _ = self.keys.shape
+        valid = self.valid
+        last = probs[:, :, -1, :]
+        newest = self.positions.masked_fill(~valid, -1).amax(dim=(1, 2))  # [B]
+        view = Candidates(
+            newest=newest,
+            budget=torch.full((b,), self.budget, dtype=torch.long, device=valid.device),
+            valid=valid if self.policy.per_kv_head else valid[:, :1],
+            num_kv_heads=h,
+            attention=lambda: selection.head_average(last)[:, None, :],
+            attention_per_kv_head=lambda: selection.head_average(last, num_kv_heads=h),
+            positions=self.positions,
+            keys=self.keys,
+            state=self.scores,
+        )
+        pri = self.policy.priority(view)
+        if pri.dim() == 2:
+            pri = pri[:, None, :]
+        return selection.mask(pri, empty=~(valid if pri.shape[1] == h else valid[:, :1]))
 
     def _gather(self, kept: torch.Tensor) -> None:
         idx4 = kept[..., None]
@@ -250,37 +266,39 @@ class EvictionLayer(CacheLayerMixin):
 
 
 class EvictionCache(Cache):
-    """A transformers Cache that keeps at most ``policy.budget`` tokens per layer
-    and sequence, evicting by ``policy`` (``None``: keep everything).
+    """A transformers Cache that keeps at most ``settings.budget`` tokens per
+    layer and sequence, evicting by ``settings.policy`` (``None``: keep
+    everything).
 
     Use it with a model whose attention implementation is ``"tova_eager"``
     (`enable_reference_attention`); `generate` and plain forward both work::
 
         enable_reference_attention(model)
-        cache = EvictionCache(PolicyConfig("tova", budget=64), config=model.config)
+        cache = EvictionCache(KVSettings(TOVA(), budget=64), config=model.config)
         out = model.generate(**enc, past_key_values=cache, max_new_tokens=20, do_sample=False)
     """
 
     def __init__(
         self,
-        policy: PolicyConfig | None,
+        settings: KVSettings | None,
         num_layers: int | None = None,
         *,
         config=None,
+        trace: bool = False,
     ):
-        if policy is not None and not isinstance(policy, PolicyConfig):
-            raise TypeError(f"policy must be a PolicyConfig or None; got {type(policy).__name__}")
+        if settings is not None and not isinstance(settings, KVSettings):
+            raise TypeError(f"settings must be a KVSettings or None; got {type(settings).__name__}")
         if num_layers is None and config is not None:
             num_layers = config.get_text_config(decoder=True).num_hidden_layers
-        self.policy = policy
+        self.settings = settings
         if num_layers is None:
-            super().__init__(layer_class_to_replicate=functools.partial(EvictionLayer, policy))
+            super().__init__(layer_class_to_replicate=functools.partial(EvictionLayer, settings, trace))
         else:
-            super().__init__(layers=[EvictionLayer(policy) for _ in range(num_layers)])
+            super().__init__(layers=[EvictionLayer(settings, trace) for _ in range(num_layers)])
 
     @classmethod
-    def for_model(cls, model: nn.Module, policy: PolicyConfig | None) -> EvictionCache:
-        return cls(policy, config=model.config)
+    def for_model(cls, model: nn.Module, settings: KVSettings | None) -> EvictionCache:
+        return cls(settings, config=model.config)
 
     def _layer(self, layer_idx: int) -> EvictionLayer:
         if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:
@@ -294,14 +312,14 @@ class EvictionCache(Cache):
         evicted, in rows shorter than the batch) read -1."""
         layer = self._layer(layer_idx)
         pos = layer.positions.masked_fill(~layer.valid, -1)
-        return pos.clone() if layer.policy is not None and layer.policy.head_wise else pos[:, 0].clone()
+        return pos.clone() if layer.policy is not None and layer.policy.per_kv_head else pos[:, 0].clone()
 
     def kept_counts(self, layer_idx: int) -> torch.Tensor:
         """Number of real tokens layer ``layer_idx`` keeps: ``[batch]`` (``[batch,
         kv_heads]`` for head-wise policies)."""
         layer = self._layer(layer_idx)
         counts = layer.valid.sum(dim=-1)
-        return counts if layer.policy is not None and layer.policy.head_wise else counts[:, 0]
+        return counts if layer.policy is not None and layer.policy.per_kv_head else counts[:, 0]
 
 
 # ----------------------------------------------------------------------- attention
@@ -411,10 +429,22 @@ def enable_reference_attention(model: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------ helpers
 
 
-def _new_cache(model: nn.Module, policy: PolicyConfig | None) -> Cache:
-    if policy is None:
+def _new_cache(model: nn.Module, settings: KVSettings | None) -> Cache:
+    if settings is None:
         return DynamicCache(config=model.config)
-    return EvictionCache(policy, config=model.config)
+    return EvictionCache(settings, config=model.config)
+
+
+def prompt_pieces(prompt_len: int, settings: KVSettings | None) -> list[tuple[int, int]]:
+    """The prompt forwards, ``(start, end)``, of a prompt mode (the engine
+    processes prompts with the same boundaries)."""
+    if settings is None or settings.prompt_mode == "bulk":
+        return [(0, prompt_len)]
+    if settings.prompt_mode == "chunked":
+        c = settings.chunk
+        return [(i, min(i + c, prompt_len)) for i in range(0, prompt_len, c)]
+    first = min(prompt_len, settings.budget)  # stream: nothing is evicted before
+    return [(0, first)] + [(i, i + 1) for i in range(first, prompt_len)]
 
 
 def _batch_inputs(inputs, tokenizer, attention_mask, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,7 +483,7 @@ def _batch_inputs(inputs, tokenizer, attention_mask, pad_token_id: int) -> tuple
 def generate_greedy(
     model: nn.Module,
     inputs,
-    policy: PolicyConfig | None,
+    settings: KVSettings | None,
     max_new_tokens: int,
     *,
     tokenizer=None,
@@ -461,17 +491,20 @@ def generate_greedy(
     cache: Cache | None = None,
 ) -> list[list[int]]:
     """Greedy decoding of ``max_new_tokens`` tokens per prompt (EOS does not
-    stop it, like vLLM's ``ignore_eos``) with the reference eviction ``policy``
-    (``None``: the full cache, i.e. plain eager attention).
+    stop it, like vLLM's ``ignore_eos``) with the reference eviction
+    ``settings`` (``None``: the full cache, i.e. plain eager attention). The
+    prompt is processed in ``settings.prompt_mode`` (`prompt_pieces`;
+    ``chunked`` and ``stream`` take unpadded prompts: one at a time, or of one
+    length).
 
     ``inputs``: a list of token-id lists (ragged: left-padded here), a
     ``[batch, len]`` LongTensor (with ``attention_mask`` for left padding), a
     dict/BatchEncoding with ``input_ids`` (and ``attention_mask``), or text(s)
-    with ``tokenizer``. Same steps as `generate`: one prompt forward, then one
-    token per forward, positions ``cumsum(attention_mask) - 1``. Switches
-    ``model`` to ``"tova_eager"`` (eager-identical for any other cache). Pass
-    ``cache`` (an empty `EvictionCache` for ``policy``) to inspect it afterwards.
-    Returns the new token ids per prompt.
+    with ``tokenizer``. Same steps as `generate` for bulk prompts: one prompt
+    forward, then one token per forward, positions ``cumsum(attention_mask) -
+    1``. Switches ``model`` to ``"tova_eager"`` (eager-identical for any other
+    cache). Pass ``cache`` (an empty `EvictionCache` for ``settings``) to
+    inspect it afterwards. Returns the new token ids per prompt.
     """
     enable_reference_attention(model)
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -479,14 +512,18 @@ def generate_greedy(
     device = next(model.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     if cache is None:
-        cache = _new_cache(model, policy)
-    elif isinstance(cache, EvictionCache) and cache.policy != policy:
-        raise ValueError(f"cache policy {cache.policy} differs from policy {policy}")
+        cache = _new_cache(model, settings)
+    elif isinstance(cache, EvictionCache) and cache.settings != settings:
+        raise ValueError(f"cache settings {cache.settings} differ from {settings}")
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=pos,
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
-    )
+    pieces = prompt_pieces(ids.shape[1], settings)
+    if len(pieces) > 1 and not bool(mask.all()):
+        raise ValueError(f"prompt mode {settings.prompt_mode!r} takes unpadded prompts (one at a time)")
+    for a, b in pieces:
+        out = model(
+            input_ids=ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        )
     new_tokens = []
     for step in range(max_new_tokens):
         tok = out.logits[:, -1].argmax(dim=-1)
@@ -508,7 +545,7 @@ def generate_greedy(
 def score_nll(
     model: nn.Module,
     input_ids: torch.Tensor,
-    policy: PolicyConfig | None,
+    settings: KVSettings | None,
     *,
     prompt_len: int = 0,
     cache: Cache | None = None,
@@ -521,7 +558,7 @@ def score_nll(
     evicts as a decode step does, so each one is predicted from the compressed
     cache. Tokens are fed in one chunk as long as the layers cannot yet exceed
     the budget (no eviction can happen there, so it is the same computation,
-    only faster; with ``policy=None`` the whole text is one forward).
+    only faster; with ``settings=None`` the whole text is one forward).
 
     Returns float32 NLLs of the tokens ``start .. len-1`` with
     ``start = max(prompt_len, 1)`` (``[len - start]`` or ``[batch, len -
@@ -535,10 +572,10 @@ def score_nll(
     if t <= start:
         raise ValueError(f"need more than {start} tokens to score; got {t}")
     if cache is None:
-        cache = _new_cache(model, policy)
+        cache = _new_cache(model, settings)
     if cache.get_seq_length() != 0:
         raise ValueError("score_nll needs an empty cache")
-    budget = t if policy is None else policy.budget
+    budget = t if settings is None else settings.budget
     chunk = min(max(int(prompt_len), budget), t)  # the prompt, or all tokens before any eviction
     out = model(input_ids=ids[:, :chunk], past_key_values=cache, use_cache=True)
     logits = [out.logits[:, start - 1 : chunk].float()]

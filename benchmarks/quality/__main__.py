@@ -1,4 +1,5 @@
-"""Quality vs KV budget for full, tova, window, sink and h2o, through vLLM.
+"""Quality vs KV budget for the full cache and every registered policy (tova,
+window, sink, h2o, keydiff, ...) through vLLM; TOVA also with chunked prompts.
 
     python -m benchmarks.quality                 # CPU default (<= 20 min on 2 cores)
     python -m benchmarks.quality --model PATH    # any HF model
@@ -34,7 +35,11 @@ PRESETS = {
     "gpu": dict(context=4096, num_sequences=8, fractions=(32, 16, 8, 4, 2), retrieval_context=4096,
                 retrieval_fractions=(16, 8, 4, 2), depths=(0.1, 0.3, 0.5, 0.7, 0.9), seeds=4, check_tokens=0),
 }
-POLICIES = ("tova", "h2o", "sink", "window")
+
+def _policies() -> tuple[str, ...]:
+    from tova_vllm.policies import policy_names
+
+    return policy_names()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-sequences", type=int, help="perplexity texts (overrides the preset)")
     ap.add_argument("--fractions", type=lambda s: tuple(int(x) for x in s.split(",")),
                     help="budgets as context/N, e.g. 32,16,8,4,2 (1/1 is the full cache)")
-    ap.add_argument("--policies", type=lambda s: tuple(s.split(",")), default=POLICIES,
-                    help=f"comma-separated, from {','.join(POLICIES)}")
+    ap.add_argument("--policies", type=lambda s: tuple(s.split(",")), default=_policies(),
+                    help=f"comma-separated, from the registered policies ({','.join(_policies())})")
+    ap.add_argument("--chunked-policies", type=lambda s: tuple(x for x in s.split(",") if x), default=("tova",),
+                    help="policies also measured with kv_prompt_mode=chunked (chunks of the budget): "
+                    "passkey prompts, and perplexity with each token predicted from the kept budget "
+                    "plus its chunk so far (default: tova; '' for none)")
     ap.add_argument("--no-retrieval", action="store_true", help="skip the passkey task")
     ap.add_argument("--retrieval-prompt-mode", choices=("bulk", "stream"), default="bulk",
                     help="how passkey prompts are processed (bulk: the engine's default for requests)")
@@ -58,9 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    unknown = [p for p in args.policies if p not in POLICIES]
-    if unknown:
-        ap.error(f"--policies: unknown {unknown}; allowed: {', '.join(POLICIES)}")
+    for flag, given in (("--policies", args.policies), ("--chunked-policies", args.chunked_policies)):
+        unknown = [p for p in given if p not in _policies()]
+        if unknown:
+            ap.error(f"{flag}: unknown {unknown}; allowed: {', '.join(_policies())}")
     return args
 
 
@@ -95,28 +105,31 @@ def main(argv=None) -> int:
     results: dict = {"settings": {
         "model": model, "dtype": args.dtype, "context": args.context, "num_sequences": len(sequences),
         "texts": [n for n, _ in sequences], "budgets": budgets, "policies": list(args.policies),
+        "rows": [*args.policies, *(evaluate.row_name(p, evaluate.CHUNKED) for p in args.chunked_policies)],
         "retrieval_context": args.retrieval_context, "retrieval_budgets": r_budgets,
         "depths": list(args.depths), "retrieval_prompt_mode": args.retrieval_prompt_mode,
         "preset": args.preset,
     }}
-    configs = [evaluate.Config(FULL, None) for FULL in [evaluate.FULL]] + [
-        evaluate.Config(p, b) for p in args.policies for b in budgets]
+    def configs_for(bs):
+        return [evaluate.Config(evaluate.FULL, None)] + [
+            evaluate.Config(p, b) for p in args.policies for b in bs] + [
+            evaluate.Config(p, b, evaluate.CHUNKED) for p in args.chunked_policies for b in bs]
+
+    configs = configs_for(budgets)
     t = time.time()
     nlls = evaluate.perplexity_nlls(llm, [ids for _, ids in sequences], configs, engine_budget)
     ppl = {"full": evaluate.perplexity(nlls[evaluate.FULL])}
-    for p in args.policies:
-        ppl[p] = {str(b): evaluate.perplexity(nlls[f"{p}@{b}"]) for b in budgets}
-        ppl[p][str(args.context)] = ppl["full"]
+    for c in configs[1:]:
+        ppl.setdefault(c.row, {str(args.context): ppl["full"]})[str(c.budget)] = evaluate.perplexity(nlls[c.label])
     results["perplexity"] = ppl
     results["timing_s"] = {"perplexity": round(time.time() - t, 1)}
     if not args.no_retrieval:
         t = time.time()
-        r_configs = [evaluate.Config(evaluate.FULL, None)] + [
-            evaluate.Config(p, b) for p in args.policies for b in r_budgets]
+        r_configs = configs_for(r_budgets)
         acc = evaluate.retrieval(llm, passkeys, r_configs, engine_budget, args.retrieval_prompt_mode)
         results["retrieval"] = {"full": acc[evaluate.FULL], "trials": len(passkeys)}
-        for p in args.policies:
-            results["retrieval"][p] = {str(b): acc[f"{p}@{b}"] for b in r_budgets}
+        for c in r_configs[1:]:
+            results["retrieval"].setdefault(c.row, {})[str(c.budget)] = acc[c.label]
         results["timing_s"]["retrieval"] = round(time.time() - t, 1)
     llm.llm_engine.engine_core.shutdown()
     del llm

@@ -10,23 +10,37 @@ from dataclasses import dataclass
 FULL = "full"
 
 
+CHUNKED = "chunked"
+
+
+def row_name(policy: str, mode: str | None = None) -> str:
+    """A table row: the policy, or e.g. "tova (chunked)" for its chunked prompts."""
+    return policy if mode is None else f"{policy} ({mode})"
+
+
 @dataclass(frozen=True)
 class Config:
-    """One line point: a policy at a budget, or the full cache."""
+    """One line point: a policy at a budget (its prompts processed the task's
+    way, or in ``mode``), or the full cache."""
 
     policy: str
     budget: int | None  # None: full cache
+    mode: str | None = None  # None: the task's prompt mode; "chunked": chunks of the budget
+
+    @property
+    def row(self) -> str:
+        return row_name(self.policy, self.mode)
 
     @property
     def label(self) -> str:
-        return FULL if self.budget is None else f"{self.policy}@{self.budget}"
+        return FULL if self.budget is None else f"{self.row}@{self.budget}"
 
     def extra_args(self, engine_budget: int, prompt_mode: str) -> dict:
         if self.budget is None:
             # The engine's budget covers the whole text: nothing is evicted, and a
             # bulk prompt is one causal pass -- the full model.
             return {"kv_budget": engine_budget, "kv_prompt_mode": "bulk"}
-        return {"kv_policy": self.policy, "kv_budget": self.budget, "kv_prompt_mode": prompt_mode}
+        return {"kv_policy": self.policy, "kv_budget": self.budget, "kv_prompt_mode": self.mode or prompt_mode}
 
 
 def perplexity_nlls(llm, sequences: list[list[int]], configs: list[Config], engine_budget: int) -> dict:
@@ -94,14 +108,15 @@ def reference_check(model_path: str, ids: list[int], configs: list[Config], vllm
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from tova_vllm.policies import PolicyConfig
+    from tova_vllm.config import engine_settings
     from tova_vllm.reference import score_nll
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     out = {}
     for config in tqdm(configs, desc="reference check"):
         with torch.no_grad():
-            ref = score_nll(model, torch.tensor(ids), PolicyConfig(config.policy, config.budget)).tolist()
+            settings = engine_settings({"kv_policy": config.policy, "kv_budget": config.budget})
+            ref = score_nll(model, torch.tensor(ids), settings).tolist()
         mine = vllm_nlls[config.label][0][: len(ref)]
         diffs = [abs(a - b) for a, b in zip(mine, ref)]
         out[config.label] = {

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-POLICY_ORDER = ("tova", "h2o", "sink", "window")
-
-
 def fraction(budget: int, context: int) -> str:
     ratio = context / budget
     return "1/1" if budget >= context else f"1/{ratio:g}"
@@ -24,9 +21,10 @@ def markdown(results: dict) -> str:
         "| policy | " + " | ".join(f"{b} ({fraction(b, ctx)})" for b in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
     ]
-    for p in results["settings"]["policies"]:
+    rows = results["settings"].get("rows", results["settings"]["policies"])
+    for p in rows:
         row = [f"{ppl[p][str(b)]:.2f}" for b in budgets]
-        best = [min(ppl[q][str(b)] for q in results["settings"]["policies"]) for b in budgets]
+        best = [min(ppl[q][str(b)] for q in rows) for b in budgets]
         row = [f"**{v}**" if float(v) == round(bv, 2) else v for v, bv in zip(row, best)]
         lines.append(f"| {p} | " + " | ".join(row) + " |")
     if "retrieval" in results:
@@ -41,7 +39,7 @@ def markdown(results: dict) -> str:
             "| policy | " + " | ".join(f"{b} ({fraction(b, rctx)})" for b in rb) + " |",
             "|---|" + "---:|" * len(rb),
         ]
-        for p in results["settings"]["policies"]:
+        for p in rows:
             lines.append(f"| {p} | " + " | ".join(f"{r[p][str(b)]:.2f}" for b in rb) + " |")
     return "\n".join(lines) + "\n"
 
@@ -52,6 +50,8 @@ _STYLE = {
     "h2o": dict(marker="s", linestyle="--"),
     "sink": dict(marker="^", linestyle="-.", markersize=9),
     "window": dict(marker="x", linestyle=":", markersize=8),
+    "keydiff": dict(marker="D", linestyle=(0, (3, 1, 1, 1)), markersize=6),
+    "tova (chunked)": dict(marker="o", linestyle=(0, (1, 1)), markerfacecolor="none", markersize=9),
 }
 
 
@@ -67,7 +67,8 @@ def plot(results: dict, path: Path) -> None:
     s = results["settings"]
     ppl = results["perplexity"]
     xs = [*s["budgets"], s["context"]]  # the last point, 1/1, is the full cache
-    for p in s["policies"]:
+    rows = s.get("rows", s["policies"])
+    for p in rows:
         ax.plot(xs, [ppl[p][str(b)] for b in xs], label=p, **_STYLE.get(p, {}))
     ax.axhline(ppl["full"], color="black", linestyle="--", label="full cache")
     ax.set_xscale("log", base=2)
@@ -80,7 +81,7 @@ def plot(results: dict, path: Path) -> None:
     if has_r:
         ax = axes[0][1]
         r = results["retrieval"]
-        for p in s["policies"]:
+        for p in rows:
             ax.plot(s["retrieval_budgets"], [r[p][str(b)] for b in s["retrieval_budgets"]], label=p,
                     **_STYLE.get(p, {}))
         ax.axhline(r["full"], color="black", linestyle="--", label="full cache")

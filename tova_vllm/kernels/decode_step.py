@@ -1,9 +1,11 @@
 """One TOVA decode step for all decode rows of a layer, on the device.
 
-write the new token's K|V to its slot -> attention with LSE (see
-`attention.select_attention` for which kernel) -> fused scoring (`scoring`)
--> copy the scratch slot over the victim. Fixed shapes given ``R`` and the
-budget, no host sync, no loop over rows.
+attention over the held slots + the new token, with LSE (`attention`) ->
+fused head-sum scoring (`scoring.head_sum`) -> [TP all-reduce] -> victim and
+the one write (`scoring.select_and_write`). No scratch slot: the new token's
+K|V|side arrives as ``new_slot`` and is written at most once, into the slot
+it takes. Fixed shapes given ``R`` and ``max_budget``, no host sync, no loop
+over rows (CUDA-graph capturable).
 """
 
 from __future__ import annotations
@@ -13,71 +15,87 @@ from collections.abc import Callable
 import torch
 
 from tova_vllm.kernels import attention, scoring
+from tova_vllm.kernels.layout import check_kv_cache
 
 
 def tova_decode_step(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    new_slot: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
+    held: torch.Tensor,
     budget: int | torch.Tensor,
     scale: float,
-    output: torch.Tensor | None = None,
-    attn_impl: str | None = None,
+    *,
+    max_budget: int,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     num_heads_total: int | None = None,
+    output: torch.Tensor | None = None,
+    attn_impl: str | None = None,
     return_scores: bool = False,
-    max_budget: int | None = None,
 ):
-    """In place on ``kv_cache``; returns ``(output, victim)`` (and the
-    head-averaged scores ``[R, budget + 1]`` with ``return_scores``).
+    """In place on ``kv_cache``; returns ``(out, victim)`` (and the
+    head-averaged scores ``[R, max_budget + 1]`` with ``return_scores``).
 
-    query [R, Hq, D], key/value [R, Hkv, D]: the decode rows' new token
-    (views are fine, last dim contiguous). kv_cache [num_blocks, Hkv, bs, 2D]:
-    the layer's cache. block_table [R, >= cdiv(budget + 1, bs)] int32: each
-    row's blocks. budget: an int, or per-row budgets [R] (then ``max_budget``,
-    a host int >= every budget, sizes the score columns; no sync). seq_lens [R] int32 = ``min(pos, budget) + 1``: the new
-    token goes to slot ``seq_lens - 1`` and attends over slots ``0 ..
-    seq_lens - 1``; rows with ``seq_lens == budget + 1`` evict the argmin of
-    the head-averaged probabilities (ties -> lowest slot) and get the scratch
-    slot ``budget`` copied there. For other rows ``victim = seq_lens - 1``
-    (a self-copy). ``all_reduce`` (tensor parallel): applied to the per-slot
-    head sums ``[R, max_budget + 1]`` float32 before the argmin, e.g. the TP
-    group's all-reduce; ``num_heads_total`` is then the layer's query heads
-    over all ranks (only used for the returned scores).
-    """
-    rows, _, dim = query.shape
-    bs = kv_cache.shape[2]
+    query [R, Hq, D]; new_slot [R, Hkv, C]: the new token's whole slot (K in
+    ``[:D]``, V in ``[D:2D]``, side channel after), in the cache dtype;
+    kv_cache [num_blocks, Hkv, block_size, C] (engine layout, see
+    `layout`); block_table [R, nb] int32; held [R] int32 (>= 1): slots ``0 ..
+    held - 1`` hold the row's kept tokens; budget: an int or [R] int32
+    (held <= budget <= max_budget); max_budget: a host int, sizes the score
+    columns ``max_budget + 1`` and the attention's split count.
+
+    The query attends over the held slots plus the new token (one softmax
+    over ``held + 1`` keys). Rows with ``held < budget`` write the new token
+    into slot ``held`` (``victim = held``). Rows with ``held == budget``
+    score column ``j`` (``j = held``: the new token) by the sum over the
+    layer's query heads of its probability, take the argmin (ties -> lowest
+    column: a cached slot goes before the new token) and write the new token
+    into slot ``victim`` unless ``victim == held`` (the new token dropped,
+    nothing written). ``all_reduce`` (tensor parallel) is applied once to
+    the per-column sums ``[R, max_budget + 1]`` float32 before the argmin,
+    e.g. the TP group's all-reduce, so every rank picks the same victim;
+    ``num_heads_total`` (the layer's query heads over all ranks, default
+    ``Hq``) only scales the returned scores. ``attn_impl``: see
+    `attention.select_attention` (chosen once per shape family and cached
+    when None).
+
+    Returns ``out [R, Hq, D]`` in the query dtype (into ``output`` when
+    given) and ``victim [R]`` int64."""
+    if query.dim() != 3:
+        raise ValueError(f"query must be [R, Hq, D]; got {tuple(query.shape)}")
+    rows, hq, dim = query.shape
+    check_kv_cache(kv_cache, dim)
+    if held.shape != (rows,):
+        raise ValueError(f"held must be [R={rows}]; got {tuple(held.shape)}")
     if isinstance(budget, torch.Tensor):
-        if max_budget is None:
-            raise ValueError("per-row budgets need max_budget (a host int), to avoid a sync")
-        cols = max_budget + 1
+        if budget.shape != (rows,):
+            raise ValueError(f"budget must be an int or [R={rows}]; got {tuple(budget.shape)}")
     else:
-        cols = budget + 1
-    seq_lens = seq_lens.to(torch.int32)
-    last = (seq_lens - 1).long()
-    row_idx = torch.arange(rows, device=query.device)
-    table = block_table.long()
-    # 1. the new token's K|V into slot seq_lens - 1
-    w_block = table[row_idx, torch.div(last, bs, rounding_mode="floor")]
-    w_off = last % bs
-    kv_cache[w_block, :, w_off, :] = torch.cat((key, value), dim=-1).to(kv_cache.dtype)
-    # 2. attention over the kept slots and the new one, with LSE
-    out, lse = attention.decode_attention(
-        query, kv_cache, block_table, seq_lens, scale, cols, out=output, impl=attn_impl
+        if not 1 <= int(budget) <= max_budget:
+            raise ValueError(f"budget {budget} must be in [1, max_budget={max_budget}]")
+        budget = torch.full((rows,), int(budget), dtype=torch.int32, device=query.device)
+    if new_slot.shape != (rows, kv_cache.shape[1], kv_cache.shape[3]):
+        raise ValueError(
+            f"new_slot must be [R, Hkv, C] = [{rows}, {kv_cache.shape[1]}, {kv_cache.shape[3]}]; "
+            f"got {tuple(new_slot.shape)}"
+        )
+    if new_slot.dtype != kv_cache.dtype:
+        new_slot = new_slot.to(kv_cache.dtype)
+    impl = attn_impl or attention.select_attention(
+        query.device, dim, kv_cache.shape[2], query.dtype, kv_cache.dtype
     )
-    # 3. fused scoring: head sums, (all-reduce,) argmin
-    sums = scoring.head_sum(query, kv_cache[..., :dim], block_table, seq_lens, lse, scale, cols)
+    cols = max_budget + 1
+    # 1. attention over the held slots and the new token, with LSE
+    out, lse = attention.decode_attention(
+        query, kv_cache, block_table, held, scale, max_budget, new_slot=new_slot, out=output, impl=impl
+    )
+    # 2. per-column head sums (column held = the new token)
+    sums = scoring.head_sum(query, kv_cache, block_table, held, lse, scale, cols, new_slot=new_slot)
     if all_reduce is not None:
         sums = all_reduce(sums)
-    victim = scoring.masked_argmin(sums, seq_lens)
-    victim = torch.where(seq_lens == budget + 1, victim, last)
-    # 4. scratch slot -> victim (whole slot, every KV head, K and V). The
-    # right side is gathered before the write, so a self-copy is harmless.
-    d_block = table[row_idx, torch.div(victim, bs, rounding_mode="floor")]
-    kv_cache[d_block, :, victim % bs, :] = kv_cache[w_block, :, w_off, :]
+    # 3. victim + the one write
+    victim = scoring.select_and_write(sums, held, budget, new_slot, kv_cache, block_table)
     if return_scores:
-        return out, victim, sums / float(num_heads_total or query.shape[1])
+        return out, victim, sums / float(num_heads_total or hq)
     return out, victim

@@ -3,8 +3,10 @@
 Replaces ``vllm.model_executor.layers.attention.attention.get_attn_backend``
 (the name the Attention layer calls at construction; it is imported there from
 ``vllm.v1.attention.selector``). With a policy in the current VllmConfig, a
-decoder attention layer gets `TovaAttentionBackend`; every other layer, and
-every layer without a policy, gets vLLM's own choice, untouched.
+decoder attention layer gets `TovaAttentionBackend` bound to the engine's
+settings, after the backend's own capability checks
+(`AttentionBackend.validate_configuration`) accept the layer; every other
+layer, and every layer without a policy, gets vLLM's own choice, untouched.
 
 Why not the backend registry alone: registering a backend does not select it;
 the CPU platform always returns CPU_ATTN whatever is selected, and the selector
@@ -36,27 +38,37 @@ def apply() -> None:
     def get_attn_backend(head_size, dtype, kv_cache_dtype, *args, **kwargs):
         from vllm.config import get_current_vllm_config_or_none
 
-        from tova_vllm.backend import TovaAttentionBackend, set_active_policy
-        from tova_vllm.config import PolicyConfigError, policy_from_vllm_config
+        from tova_vllm.backend import SUPPORTED_ATTENTION, TovaAttentionBackend
+        from tova_vllm.config import PolicyConfigError, engine_settings_of
 
         vllm_config = get_current_vllm_config_or_none()
-        policy = policy_from_vllm_config(vllm_config) if vllm_config else None
+        settings = engine_settings_of(vllm_config) if vllm_config else None
         attn_type = kwargs.get("attn_type") or "decoder"
-        if policy is None or attn_type != "decoder":
+        if settings is None or attn_type != "decoder":
             return original(head_size, dtype, kv_cache_dtype, *args, **kwargs)
-        for flag in ("use_mla", "has_sink", "use_sparse", "use_mm_prefix", "has_sliding_window"):
-            if kwargs.get(flag):
-                raise PolicyConfigError(
-                    f"kv_policy={policy.name!r} cannot be used for this model's "
-                    f"attention ({flag}=True); kv_policy supports plain causal "
-                    "decoder attention (Llama-style MHA/GQA/MQA)"
-                )
-        if kv_cache_dtype not in (None, "auto", "float16", "bfloat16"):
+        cache_config = vllm_config.cache_config
+        reasons = TovaAttentionBackend.validate_configuration(
+            head_size=head_size,
+            dtype=dtype,
+            kv_cache_dtype=kv_cache_dtype,
+            block_size=cache_config.block_size if cache_config is not None else None,
+            use_mla=bool(kwargs.get("use_mla")),
+            has_sink=bool(kwargs.get("has_sink")),
+            use_sparse=bool(kwargs.get("use_sparse")),
+            use_mm_prefix=bool(kwargs.get("use_mm_prefix")),
+            use_per_head_quant_scales=bool(kwargs.get("use_per_head_quant_scales")),
+            device_capability=None,
+            attn_type=attn_type,
+            has_sliding_window=bool(kwargs.get("has_sliding_window")),
+            use_kv_connector=vllm_config.kv_transfer_config is not None,
+        )
+        if reasons:
             raise PolicyConfigError(
-                f"kv_policy={policy.name!r} supports kv_cache_dtype 'auto', 'float16' "
-                f"or 'bfloat16'; got {kv_cache_dtype!r}"
+                f"kv_policy={settings.name!r} cannot be used for this model's attention "
+                f"({'; '.join(reasons)}; kv_cache_dtype={kv_cache_dtype!r}); kv_policy supports "
+                f"{SUPPORTED_ATTENTION} with kv_cache_dtype one of "
+                f"{', '.join(TovaAttentionBackend.supported_kv_cache_dtypes)}"
             )
-        set_active_policy(policy)
-        return TovaAttentionBackend
+        return TovaAttentionBackend.for_settings(settings)
 
     _seam.replace(attention_module, "get_attn_backend", original, get_attn_backend)

@@ -2,15 +2,17 @@
 
 Replaces, on ``vllm.engine.arg_utils.EngineArgs`` (and ``AsyncEngineArgs``):
 
-* ``__init__``: accepts the policy keyword arguments (``kv_policy``,
-  ``kv_budget``, ``kv_num_sinks``, ``kv_h2o_recent_ratio``) (so ``LLM(model, kv_policy="tova",
-  kv_budget=512)`` works: LLM passes unknown keywords to EngineArgs, whose
-  dataclass ``__init__`` would reject them), folds them into
-  ``additional_config`` and validates, so bad input fails before any process
-  starts.
-* ``add_cli_args``: adds ``--kv-policy``, ``--kv-budget``, ``--kv-num-sinks`` and
-  ``--kv-h2o-recent-ratio``, with help text, to
-  ``vllm serve`` and every CLI that builds engine arguments.
+* ``__init__``: accepts the KV settings as keyword arguments (``kv_policy``,
+  ``kv_budget``, ``kv_prompt_mode``, ... and every registered policy's options;
+  any ``kv_*`` keyword, so a misspelt one gets an error naming the allowed
+  keys) (so ``LLM(model, kv_policy="tova", kv_budget=512)`` works: LLM passes
+  unknown keywords to EngineArgs, whose dataclass ``__init__`` would reject
+  them), folds them into ``additional_config`` and validates, so bad input
+  fails before any process starts.
+* ``add_cli_args``: adds ``--kv-policy``, ``--kv-budget``, ``--kv-prompt-mode``,
+  ``--kv-prompt-chunk`` and one flag per policy option (from the policy
+  registry), with help text, to ``vllm serve`` and every CLI that builds
+  engine arguments.
 * ``from_cli_args``: folds those flags into ``additional_config``.
 * ``create_engine_config``: checks the model is one the policy can handle,
   turns prefix caching off (kept slots depend on attention history, not on the
@@ -27,15 +29,12 @@ import argparse
 from typing import Any
 
 from tova_vllm.config import (
-    KEY_BUDGET,
-    KEY_H2O_RECENT_RATIO,
-    KEY_NUM_SINKS,
     KEY_POLICY,
-    POLICY_ARG_HELP,
-    POLICY_KEYS,
     PolicyConfigError,
-    merge_policy_settings,
-    policy_from_settings,
+    cli_settings,
+    engine_settings,
+    merge_settings,
+    settings_keys,
 )
 from tova_vllm.patch import _seam
 
@@ -43,9 +42,9 @@ SEAM = "engine_args"
 
 
 def _fold(engine_args: Any, settings: dict[str, Any]) -> None:
-    merged = merge_policy_settings(_settings_dict(engine_args.additional_config), **settings)
+    merged = merge_settings(_settings_dict(engine_args.additional_config), **settings)
     # Validate now, in the process the user started.
-    if policy_from_settings(merged) is not None:
+    if engine_settings(merged) is not None:
         from tova_vllm.engine_config import pin_v1_model_runner
 
         pin_v1_model_runner()
@@ -60,13 +59,21 @@ def _settings_dict(additional_config: Any) -> dict[str, Any]:
     raise PolicyConfigError(f"additional_config must be a dict; got {type(additional_config).__name__}")
 
 
+def _own_fields(cls: type) -> frozenset[str]:
+    """EngineArgs' own fields (vLLM has kv_cache_dtype, kv_transfer_config, ...)."""
+    import dataclasses
+
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 def _patch_init(cls: type) -> None:
     if "__init__" not in vars(cls) or _seam.is_applied(cls, "__init__"):
         return  # inherits the patched one, or already patched
     original = _seam.expect_callable(cls, "__init__", ["self"], SEAM)
 
     def __init__(self, *args, **kwargs):
-        settings = {key: kwargs.pop(key) for key in POLICY_KEYS if key in kwargs}
+        own = _own_fields(type(self))
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key.startswith("kv_") and key not in own}
         original(self, *args, **kwargs)
         _fold(self, settings)
 
@@ -86,12 +93,8 @@ def _patch_add_cli_args(engine_args_cls: type) -> None:
             title="KV-cache eviction (tova-vllm)",
             description="Cap every sequence's KV cache at a token budget per layer.",
         )
-        group.add_argument("--kv-policy", type=str, default=None, help=POLICY_ARG_HELP[KEY_POLICY])
-        group.add_argument("--kv-budget", type=int, default=None, help=POLICY_ARG_HELP[KEY_BUDGET])
-        group.add_argument("--kv-num-sinks", type=int, default=None, help=POLICY_ARG_HELP[KEY_NUM_SINKS])
-        group.add_argument(
-            "--kv-h2o-recent-ratio", type=float, default=None, help=POLICY_ARG_HELP[KEY_H2O_RECENT_RATIO]
-        )
+        for flag, dest, typ, help_text in cli_settings():
+            group.add_argument(flag, dest=dest, type=typ, default=None, help=help_text)
         return parser
 
     _seam.replace(engine_args_cls, "add_cli_args", original, add_cli_args, kind="staticmethod")
@@ -104,7 +107,7 @@ def _patch_from_cli_args(engine_args_cls: type) -> None:
 
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original(cls, args)
-        _fold(engine_args, {key: getattr(args, key, None) for key in POLICY_KEYS})
+        _fold(engine_args, {key: getattr(args, key, None) for key in settings_keys()})
         return engine_args
 
     _seam.replace(engine_args_cls, "from_cli_args", original, from_cli_args, kind="classmethod")
@@ -118,10 +121,12 @@ def _patch_create_engine_config(engine_args_cls: type) -> None:
     )
 
     def create_engine_config(self, *args, **kwargs):
-        vllm_config = original(self, *args, **kwargs)
-        from tova_vllm.engine_config import prepare_vllm_config
+        from tova_vllm.engine_config import prepare_vllm_config, requested_cudagraph_mode
 
-        prepare_vllm_config(vllm_config)
+        # Before the platform resolves it (the CPU platform resets it to NONE).
+        requested = requested_cudagraph_mode(getattr(self, "compilation_config", None))
+        vllm_config = original(self, *args, **kwargs)
+        prepare_vllm_config(vllm_config, requested)
         return vllm_config
 
     _seam.replace(engine_args_cls, "create_engine_config", original, create_engine_config)

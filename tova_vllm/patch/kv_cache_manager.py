@@ -6,8 +6,9 @@ only place on the scheduler side that sees both the ``Request`` (its sampling
 params, its state) and the per-type managers, which get request ids only:
 
 * ``allocate_slots``: before a request's first allocation (again after a
-  preemption), its own policy and budget (``SamplingParams.extra_args``,
-  `tova_vllm.config.request_policy`), so its blocks are capped at its budget.
+  preemption), its own settings (``SamplingParams.extra_args``,
+  `tova_vllm.config.request_settings`), so its blocks follow its budget and
+  prompt mode.
 * ``free`` and ``pop_blocks_for_free``: whether the request finished (counted
   in the per-policy stats) or was preempted, and its computed tokens.
 
@@ -42,19 +43,19 @@ def tova_managers(kv_cache_manager: Any) -> list:
 
 
 def _note_request(managers: list, request: Any) -> None:
-    from tova_vllm.config import PolicyConfigError, RequestPolicy, request_policy
+    from tova_vllm.config import PolicyConfigError, request_settings
 
-    engine = managers[0].kv_cache_spec.engine_policy
+    engine = managers[0].kv_cache_spec.engine_settings
     params = request.sampling_params
     try:
-        rp = request_policy(engine, params.extra_args if params is not None else None)
+        settings = request_settings(engine, params.extra_args if params is not None else None)
     except PolicyConfigError as e:
         # The API layer rejects such requests (request_params seam); a caller
-        # that bypasses it gets the engine's policy rather than a dead engine.
-        logger.error("tova-vllm: request %s: %s; using the engine's policy", request.request_id, e)
-        rp = RequestPolicy(engine)
+        # that bypasses it gets the engine's settings rather than a dead engine.
+        logger.error("tova-vllm: request %s: %s; using the engine's settings", request.request_id, e)
+        settings = engine
     for manager in managers:
-        manager.note_request(request.request_id, rp.policy.budget, rp.policy.name, rp.stream_prompt)
+        manager.note_request(request.request_id, settings)
 
 
 def apply() -> None:
@@ -70,13 +71,15 @@ def apply() -> None:
 
     def allocate_slots(self, request, *args, **kwargs):
         managers = tova_managers(self)
-        if managers and request.request_id not in managers[0]._cap:
+        if managers and not managers[0].knows(request.request_id):
             _note_request(managers, request)
         return allocate(self, request, *args, **kwargs)
 
     def _note_release(self, request) -> None:
+        # Committed tokens only: under async scheduling a step may be in flight.
+        computed = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
         for manager in tova_managers(self):
-            manager.note_release(request.request_id, request.is_finished(), request.num_computed_tokens)
+            manager.note_release(request.request_id, request.is_finished(), computed)
 
     def free_(self, request):
         _note_release(self, request)

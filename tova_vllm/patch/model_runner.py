@@ -19,7 +19,7 @@ SEAM = "model_runner"
 
 
 def bind_tova_builders(runner) -> int:
-    from tova_vllm.backend import TovaMetadataBuilder
+    from tova_vllm.backend.builder import TovaMetadataBuilder
 
     bound = 0
     for groups in getattr(runner, "attn_groups", []):

@@ -4,9 +4,10 @@ request, so a bad value is an HTTP 400 (offline: a ValueError from
 
 Wraps ``vllm.v1.engine.input_processor.InputProcessor._validate_params``:
 after vLLM's own checks, the request's ``extra_args`` (``vllm_xargs`` in the
-OpenAI API) go through `tova_vllm.config.request_policy`. Requests without
-``kv_*`` keys pass untouched; on an engine without a policy, ``kv_*`` keys are
-refused (they would otherwise be ignored silently).
+OpenAI API) go through `tova_vllm.config.request_settings`. Requests without
+``kv_*`` keys pass untouched; unknown ``kv_*`` keys are refused naming the
+allowed ones; on an engine without a policy, ``kv_*`` keys are refused (they
+would otherwise be ignored silently).
 
 vLLM's extension point for this, a logits processor's ``validate_params``,
 was not used: entry-point logits processors load into every engine, stock
@@ -29,23 +30,23 @@ def validate_request(processor, params) -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
 
-    from tova_vllm.config import PolicyConfigError, policy_from_vllm_config, request_policy
+    from tova_vllm.config import PolicyConfigError, engine_settings_of, request_settings
 
     if not isinstance(params, SamplingParams):
         return
-    engine = getattr(processor, "_tova_engine_policy", _NO_POLICY)
+    engine = getattr(processor, "_tova_engine_settings", _NO_POLICY)
     if engine is _NO_POLICY:
-        engine = policy_from_vllm_config(processor.vllm_config)
-        processor._tova_engine_policy = engine
+        engine = engine_settings_of(processor.vllm_config)
+        processor._tova_engine_settings = engine
     try:
-        rp = request_policy(engine, params.extra_args)
+        settings = request_settings(engine, params.extra_args)
     except PolicyConfigError as e:
         field = str(e).split(" ", 1)[0]
         raise VLLMValidationError(str(e), parameter=field) from None
-    if rp is not None and rp.policy.name == "h2o" and rp.policy.name != engine.name:
-        from tova_vllm.engine_config import h2o_unsupported_reason
+    if settings is not None and settings.policy != engine.policy:
+        from tova_vllm.engine_config import tensor_parallel_unsupported_reason
 
-        reason = h2o_unsupported_reason(processor.vllm_config)
+        reason = tensor_parallel_unsupported_reason(processor.vllm_config, type(settings.policy))
         if reason:
             raise VLLMValidationError(f"vllm_xargs.kv_policy: {reason}", parameter="vllm_xargs.kv_policy")
 

@@ -1,0 +1,67 @@
+"""The metadata of one step, built once by `TovaMetadataBuilder` and read by
+every layer: what each compute path needs, as device tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tova_vllm.backend.planning import Segment
+from tova_vllm.policies import EvictionPolicy
+
+
+@dataclass
+class PromptSegment:
+    """Prompt tokens of one request (`planning.Segment`) with their slots."""
+
+    plan: Segment
+    policy: EvictionPolicy
+    positions: torch.Tensor  # [c] int64, the tokens' positions
+    write_ids: torch.Tensor  # [c] flat slots ctx .. ctx + c - 1
+    ctx_ids: torch.Tensor  # [ctx] flat slots 0 .. ctx - 1 (held before)
+    dest_ids: torch.Tensor | None  # [budget] flat slots 0 .. budget - 1 (reduce)
+    table_row: torch.Tensor | None = None  # [1, W] int32 block-table row (CUDA: paged attention)
+
+
+@dataclass
+class PolicyGroup:
+    """The rows of a wave that run one policy: a contiguous slice."""
+
+    policy: EvictionPolicy
+    rows: slice
+    whole: bool  # the group is the whole wave
+
+
+@dataclass
+class DecodeWave:
+    """One token of each of ``size`` rows, over ``num_cols = n + 1`` candidate
+    columns per row: the row's gathered slots ``0 .. n-1`` then the new token."""
+
+    size: int
+    num_cols: int
+    tokens: torch.Tensor | slice  # the rows' tokens in the step (a slice when contiguous)
+    positions: torch.Tensor  # [R] int64, the new tokens' positions
+    budgets: torch.Tensor  # [R] int64
+    held: torch.Tensor  # [R] int64, kept slots before the token
+    blocks: torch.Tensor  # [R, nb] the rows' blocks (null block past a row's last)
+    col_ids: torch.Tensor  # [R, n + 1] flat slot of each column (new token: the sink slot)
+    attn_bias: torch.Tensor  # [Hkv * R, 1, n + 1] 0 / -inf (model dtype): what attention sees
+    select_bias: torch.Tensor  # [R, 1, n + 1] float32: selection's masks (`selection.code_bias`)
+    valid: torch.Tensor  # [R, 1, n + 1] bool, real slots (and the new token)
+    new_side: torch.Tensor  # [R, 1, SIDE] side channel of the new tokens (cache dtype)
+    groups: list[PolicyGroup]
+    per_layer: bool  # every group keeps one token set per layer (slot-wide writes)
+    # The CUDA fast path (every row's policy has cuda_fast_path), else None:
+    # (block-table rows int32 [R, W], held int32 [R], budgets int32 [R], max budget)
+    cuda: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+
+
+@dataclass
+class TovaMetadata:
+    """One step's batch, shared by every layer: the prompt segments first
+    (one request after another), then the waves in order."""
+
+    num_actual_tokens: int
+    segments: list[PromptSegment]
+    waves: list[DecodeWave]

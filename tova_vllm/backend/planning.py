@@ -1,0 +1,198 @@
+"""Planning one step, on the host: a pure function of the batch (no tensors
+on the device, no engine), unit-tested on its own (tests/test_planning.py).
+
+The slot invariant, per request and layer, with budget ``k``: the request's
+kept tokens are slots ``0 .. held - 1`` of its block-table row (any order:
+attention does not depend on it, keys carry their RoPE position already),
+``held <= k`` once its prompt is processed. Everything below follows from
+positions, prompt lengths and the request's settings, so the worker keeps no
+per-request state: preemption (recompute), rows moving in the batch and rows
+leaving need no bookkeeping.
+
+* **Prompt segments.** Prompt tokens are processed in segments, each one
+  attending causally over the slots held before it plus itself, written after
+  them. ``bulk`` (and the first ``min(P, k)`` tokens of a ``stream`` prompt):
+  slot = position; after the prompt's last token, a prompt longer than ``k``
+  is reduced to the ``k`` tokens the policy keeps. ``chunked``: chunks of
+  ``C`` tokens from position 0; after each chunk (and after the prompt's last
+  token) the cache is reduced to ``k`` by the policy, so a request holds at
+  most ``k + C`` slots. A scheduler chunk may end inside a chunk: the next
+  step continues it (the slots held follow from the position alone:
+  `chunked_held`).
+* **Waves.** Every later token (every token of a streamed prompt past its
+  first ``k``, and recomputed output tokens) at position ``p`` sees the
+  ``held = min(p, k)`` kept slots plus itself; if ``held == k`` the policy
+  evicts one of the ``k + 1`` (possibly the new token), else the new token
+  goes to slot ``held``. Wave ``j`` holds the ``j``-th such token of every row
+  (a plain decode step is one wave), so a preempted request that recomputes
+  prompt and output in one chunk evicts exactly as it did while decoding.
+  Rows of a wave gather whole blocks, so a wave is bucketed by block count
+  (powers of two) and its rows are ordered by policy group (each group is
+  then a contiguous slice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BULK, CHUNKED, STREAM = 0, 1, 2
+MODE_CODES = {"bulk": BULK, "chunked": CHUNKED, "stream": STREAM}
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def chunked_held(t: int, budget: int, chunk: int) -> int:
+    """Slots a ``chunked`` prompt holds after its first ``t`` tokens (before
+    the reduction at the prompt's end): the kept ``min(boundary, k)`` plus the
+    tokens of the current chunk."""
+    boundary = (t // chunk) * chunk
+    return min(boundary, budget) + (t - boundary)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Prompt tokens ``[tok_start, tok_end)`` of the step (positions from
+    ``pos_start``) of row ``row``: attend over the ``ctx`` slots held before
+    and themselves, written to slots ``ctx ..``; then, if ``reduce``, keep
+    ``budget`` of the ``ctx + len`` slots."""
+
+    row: int
+    tok_start: int
+    tok_end: int
+    pos_start: int
+    ctx: int
+    reduce: bool
+    budget: int
+    group: int
+
+    @property
+    def length(self) -> int:
+        return self.tok_end - self.tok_start
+
+
+@dataclass
+class Wave:
+    """One token of each of its rows; arrays ``[R]`` (int64), rows ordered by
+    policy group: ``groups`` = ``(group, start, end)`` slices of them."""
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    positions: np.ndarray
+    held: np.ndarray
+    budgets: np.ndarray
+    num_blocks: int  # blocks gathered per row (the largest of the wave's rows)
+    groups: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def tokens_contiguous(self) -> bool:
+        t = self.tokens
+        return bool(t.size) and int(t[-1]) - int(t[0]) == t.size - 1 and bool(np.all(np.diff(t) == 1))
+
+
+@dataclass
+class StepPlan:
+    segments: list[Segment]
+    waves: list[Wave]
+
+
+def plan_step(
+    query_start: np.ndarray,
+    num_computed: np.ndarray,
+    num_prompt: np.ndarray,
+    budget: np.ndarray,
+    mode: np.ndarray,
+    chunk: np.ndarray,
+    group: np.ndarray,
+    block_size: int,
+) -> StepPlan:
+    """The step's segments and waves. Per row ``r`` (arrays of ``n`` ints,
+    ``query_start`` ``n + 1``): the step computes tokens at positions
+    ``num_computed[r] ..`` (``query_start[r+1] - query_start[r]`` of them) of
+    a request with ``num_prompt[r]`` prompt tokens, budget ``budget[r]``,
+    prompt mode ``mode[r]`` (`MODE_CODES`), chunk ``chunk[r]`` and policy
+    group ``group[r]``."""
+    query_start = np.asarray(query_start, dtype=np.int64)
+    num_computed = np.asarray(num_computed, dtype=np.int64)
+    num_prompt = np.asarray(num_prompt, dtype=np.int64)
+    budget = np.asarray(budget, dtype=np.int64)
+    mode = np.asarray(mode, dtype=np.int64)
+    q_len = np.diff(query_start)
+    end = num_computed + q_len
+    # Where the prompt phase ends: a streamed prompt's first min(P, k) tokens
+    # evict nothing, so they go in one causal pass like a bulk prompt.
+    phase_end = np.where(mode == STREAM, np.minimum(num_prompt, budget), num_prompt)
+    seq_start = np.maximum(num_computed, phase_end)  # first token after the prompt phase
+    segments: list[Segment] = []
+    for r in np.nonzero(num_computed < np.minimum(end, phase_end))[0].tolist():
+        segments.extend(_segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, mode, chunk, group))
+    counts = np.maximum(end - seq_start, 0)
+    waves: list[Wave] = []
+    for j in range(int(counts.max(initial=0))):
+        rows = np.nonzero(counts > j)[0]
+        pos = seq_start[rows] + j
+        tok = query_start[rows] + (seq_start[rows] - num_computed[rows]) + j
+        k = budget[rows]
+        held = np.minimum(pos, k)
+        # Blocks to gather: the held slots, and the free slot `held` a row
+        # that is not full writes its new token to.
+        nb = cdiv(np.minimum(held + 1, k), block_size)
+        bucket = np.floor(np.log2(np.maximum(nb, 1))).astype(np.int64)
+        for b in np.unique(bucket).tolist():
+            sel = np.nonzero(bucket == b)[0]
+            order = sel[np.argsort(group[rows[sel]], kind="stable")]
+            g = group[rows[order]]
+            starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+            bounds = [(int(g[s]), int(s), int(e)) for s, e in zip(starts, np.r_[starts[1:], g.size])]
+            waves.append(
+                Wave(
+                    rows=rows[order],
+                    tokens=tok[order],
+                    positions=pos[order],
+                    held=held[order],
+                    budgets=k[order],
+                    num_blocks=int(nb[order].max()),
+                    groups=bounds,
+                )
+            )
+    return StepPlan(segments, waves)
+
+
+def _segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, mode, chunk, group):
+    first, last = int(num_computed[r]), int(min(end[r], phase_end[r]))
+    tok0 = int(query_start[r]) - first  # token index of position `first` is tok0 + first
+    k, prompt = int(budget[r]), int(num_prompt[r])
+    out = []
+    if mode[r] == CHUNKED:
+        c = int(chunk[r])
+        a = first
+        while a < last:
+            b = min((a // c + 1) * c, last)
+            ctx = chunked_held(a, k, c)
+            at_boundary = b % c == 0 or b == prompt
+            out.append(Segment(r, tok0 + a, tok0 + b, a, ctx, at_boundary and ctx + (b - a) > k, k, int(group[r])))
+            a = b
+    else:
+        reduce = last == prompt and prompt > k and mode[r] == BULK
+        out.append(Segment(r, tok0 + first, tok0 + last, first, first, reduce, k, int(group[r])))
+    return out
+
+
+def slots_needed(num_tokens: int, prompt_len: int, budget: int, mode: int, chunk: int, prompt_done: bool) -> int:
+    """Slots a request needs for its first ``num_tokens`` tokens (the
+    scheduler side's allocation; the worker never uses more): the prompt's
+    while a bulk prompt is being prefilled (also when a preempted request
+    recomputes prompt and output in one chunk), ``k + C`` while a chunked
+    prompt is, else the budget."""
+    if prompt_done or mode == STREAM:
+        return min(num_tokens, budget)
+    if mode == CHUNKED:
+        return min(num_tokens, budget + chunk)
+    return min(num_tokens, max(prompt_len, budget))
