@@ -64,7 +64,7 @@ def test_values_are_sane(tiny_run):
             assert run["output_tokens"] == TINY.num_requests * TINY.output_len
             assert 1 <= run["peak_running"] <= TINY.max_num_seqs
             assert 0 < run["peak_kv_blocks"] <= run["kv_blocks"]
-        cap_blocks = -(-(b["budget"] + 1) // TINY.block_size)
+        cap_blocks = -(-b["budget"] // TINY.block_size)  # no scratch slot
         assert tova["kv_blocks"] == TINY.kv_tokens // TINY.block_size
         # Capped at `cap_blocks` per sequence, TOVA never runs out of blocks:
         # no preemption, and at most kv_blocks // cap_blocks sequences at once.

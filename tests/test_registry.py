@@ -169,7 +169,6 @@ def test_duplicate_option_keys_are_refused(clean_registry):
     assert "test_sinky" not in policy_names() and option_keys()["kv_num_sinks"] == "sink"
 
 
-@pytest.mark.xfail(strict=True, reason="registry.register_policy does not check keys repeated within one policy")
 def test_an_option_key_repeated_within_a_policy_is_refused(clean_registry):
     @dataclass(frozen=True)
     class Twice(EvictionPolicy):
@@ -181,7 +180,6 @@ def test_an_option_key_repeated_within_a_policy_is_refused(clean_registry):
         register_policy(Twice)
 
 
-@pytest.mark.xfail(strict=True, reason="registry.register_policy accepts option keys equal to the general settings")
 @pytest.mark.parametrize("key", ["kv_policy", "kv_budget", "kv_prompt_mode", "kv_prompt_chunk"])
 def test_an_option_key_equal_to_a_general_setting_is_refused(clean_registry, key):
     @dataclass(frozen=True)

@@ -140,10 +140,6 @@ def test_out_of_range_options_raise_policy_config_error(extra):
         request_settings(ENGINE, extra)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.request_settings keeps engine.prompt_chunk when the request picks another prompt mode",
-)
 def test_a_bulk_request_on_a_chunked_engine_drops_the_chunk():
     """A request switching a ``chunked`` engine's prompts to another mode must
     not carry the engine's chunk (such settings do not round-trip)."""

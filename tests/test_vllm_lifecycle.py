@@ -173,7 +173,6 @@ def test_chunked_prompt_never_holds_more_than_budget_plus_a_chunk(llm, chat_prom
     cache is reduced to the budget, so a long prompt's request never holds
     more than budget + chunk slots (a bulk prompt holds all of them), and it
     ends at its cap."""
-    engine = llm.llm_engine
     prompt = _ids(llm.get_tokenizer(), chat_prompts[-1:])[0]  # 214 tokens
     budget, chunk = 32, 24
     peaks = {}
@@ -181,14 +180,10 @@ def test_chunked_prompt_never_holds_more_than_budget_plus_a_chunk(llm, chat_prom
         extra = {"kv_budget": budget, "kv_prompt_mode": mode}
         if mode == "chunked":
             extra["kv_prompt_chunk"] = chunk
-        engine.add_request(f"{mode}-0", prompt, SamplingParams(max_tokens=6, extra_args=extra))
-        peak = 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            peak = max(peak, *engine_kv_state(llm)["blocks_per_running_request"].values(), 0)
-        peaks[mode] = peak
-        assert blocks_at_release(llm, f"{mode}-0") == -(-budget // BLOCK)
-    assert peaks["chunked"] <= -(-(budget + chunk) // BLOCK), peaks
+        out = llm.generate([prompt], SamplingParams(max_tokens=6, extra_args=extra), use_tqdm=False)[0]
+        peaks[mode] = blocks_at_release(llm, out.request_id, peak=True)
+        assert blocks_at_release(llm, out.request_id) == -(-budget // BLOCK)
+    assert peaks["chunked"] == -(-(budget + chunk) // BLOCK), peaks
     assert peaks["bulk"] == -(-len(prompt["prompt_token_ids"]) // BLOCK), peaks
     _idle(llm)
 

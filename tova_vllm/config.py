@@ -25,9 +25,8 @@ from tova_vllm.policies import (
     policy_classes,
     policy_names,
 )
+from tova_vllm.policies.registry import GENERAL_KEYS, KEY_BUDGET, KEY_POLICY, KEY_PROMPT_CHUNK, KEY_PROMPT_MODE
 
-KEY_POLICY = "kv_policy"
-KEY_BUDGET = "kv_budget"
 # How a prompt is processed. "bulk": full causal attention over the prompt,
 # then the policy keeps `budget` of it (the paper's; fast prefill). "chunked":
 # the prompt in chunks of kv_prompt_chunk tokens, the cache reduced to the
@@ -35,10 +34,7 @@ KEY_BUDGET = "kv_budget"
 # token attends only to the cache kept so far, evicting as a decode step does
 # (the paper's perplexity setup; prompt_logprobs are then predictions from the
 # compressed cache).
-KEY_PROMPT_MODE = "kv_prompt_mode"
-KEY_PROMPT_CHUNK = "kv_prompt_chunk"
 PROMPT_MODES: tuple[str, ...] = ("bulk", "chunked", "stream")
-GENERAL_KEYS: tuple[str, ...] = (KEY_POLICY, KEY_BUDGET, KEY_PROMPT_MODE, KEY_PROMPT_CHUNK)
 
 
 class PolicyConfigError(PolicyOptionError):
@@ -366,7 +362,8 @@ def request_settings(engine: KVSettings | None, extra_args: dict[str, Any] | Non
     mode = given.get(KEY_PROMPT_MODE, engine.prompt_mode)
     if mode not in PROMPT_MODES:
         raise PolicyConfigError(f"{where}{KEY_PROMPT_MODE} must be one of {', '.join(PROMPT_MODES)}; got {mode!r}")
-    chunk = engine.prompt_chunk
+    # The engine's chunk applies when the request runs chunked prompts too.
+    chunk = engine.prompt_chunk if mode == "chunked" else None
     if KEY_PROMPT_CHUNK in given:
         chunk = _int_setting(KEY_PROMPT_CHUNK, given[KEY_PROMPT_CHUNK], 1, None, where=where, strict=True)
         _chunk_needs_chunked(mode, where=where)

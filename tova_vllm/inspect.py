@@ -17,10 +17,10 @@ def engine_kv_state(llm: Any) -> dict[str, Any]:
     return client.call_utility(METHOD)
 
 
-def blocks_at_release(llm: Any, request_id: str) -> int | None:
-    """Blocks the request held when it finished (engine request ids may carry
-    a suffix after the user's id)."""
-    released = engine_kv_state(llm)["blocks_at_release"]
+def blocks_at_release(llm: Any, request_id: str, peak: bool = False) -> int | None:
+    """Blocks the request held when it finished, or (``peak``) the most it
+    held at once (engine request ids may carry a suffix after the user's id)."""
+    released = engine_kv_state(llm)["peak_blocks_at_release" if peak else "blocks_at_release"]
     if request_id in released:
         return released[request_id]
     for key, value in released.items():

@@ -121,6 +121,9 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         # Blocks each request held when it was last freed (finished, aborted or
         # preempted); bounded, for inspection (tova_vllm.inspect) and metrics.
         self.blocks_at_release: OrderedDict[str, int] = OrderedDict()
+        # The most blocks each request held at once (its prompt's peak).
+        self._peak: dict[str, int] = {}
+        self.peak_blocks_at_release: OrderedDict[str, int] = OrderedDict()
         self.stats: dict[str, PolicyStats] = {}
 
     @property
@@ -164,7 +167,11 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         return max(needed - len(self.req_to_blocks.get(request_id, ())), 0)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        return super().allocate_new_blocks(request_id, self.slots_needed(request_id, num_tokens), num_tokens_main_model)
+        new = super().allocate_new_blocks(request_id, self.slots_needed(request_id, num_tokens), num_tokens_main_model)
+        held = len(self.req_to_blocks.get(request_id, ()))
+        if held > self._peak.get(request_id, 0):
+            self._peak[request_id] = held
+        return new
 
     def remove_skipped_blocks(
         self,
@@ -195,10 +202,14 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         self._reduced.discard(request_id)
         blocks = super().pop_blocks_for_free(request_id)
         held = len(blocks)
-        self.blocks_at_release[request_id] = held
-        self.blocks_at_release.move_to_end(request_id)
-        while len(self.blocks_at_release) > _MAX_RELEASED_RECORDS:
-            self.blocks_at_release.popitem(last=False)
+        for record, value in (
+            (self.blocks_at_release, held),
+            (self.peak_blocks_at_release, max(self._peak.pop(request_id, 0), held)),
+        ):
+            record[request_id] = value
+            record.move_to_end(request_id)
+            while len(record) > _MAX_RELEASED_RECORDS:
+                record.popitem(last=False)
         finished, tokens = self._releasing.pop(request_id, (False, 0))
         if finished:
             stats = self.stats.setdefault(r.policy, PolicyStats())

@@ -13,7 +13,10 @@ Replaces, on ``vllm.engine.arg_utils.EngineArgs`` (and ``AsyncEngineArgs``):
   ``--kv-prompt-chunk`` and one flag per policy option (from the policy
   registry), with help text, to ``vllm serve`` and every CLI that builds
   engine arguments.
-* ``from_cli_args``: folds those flags into ``additional_config``.
+* ``from_cli_args``: folds those flags into ``additional_config``; with a
+  policy, adds tova-vllm's request check (`tova_vllm.request_check`, the raw
+  JSON's ``vllm_xargs``) to ``vllm serve``'s ``--middleware`` list, vLLM's own
+  extension point for API-server middleware.
 * ``create_engine_config``: checks the model is one the policy can handle,
   turns prefix caching off (kept slots depend on attention history, not on the
   token prefix) with one warning, warns once when the budget can never take
@@ -100,6 +103,16 @@ def _patch_add_cli_args(engine_args_cls: type) -> None:
     _seam.replace(engine_args_cls, "add_cli_args", original, add_cli_args, kind="staticmethod")
 
 
+def _add_request_check(args: argparse.Namespace) -> None:
+    """The server's arguments (``vllm serve`` has ``--middleware``) get the
+    raw-JSON check of per-request settings; other CLIs have no such list."""
+    from tova_vllm.request_check import MIDDLEWARE
+
+    middleware = getattr(args, "middleware", None)
+    if isinstance(middleware, list) and MIDDLEWARE not in middleware:
+        middleware.append(MIDDLEWARE)
+
+
 def _patch_from_cli_args(engine_args_cls: type) -> None:
     if _seam.is_applied(engine_args_cls, "from_cli_args"):
         return
@@ -108,6 +121,8 @@ def _patch_from_cli_args(engine_args_cls: type) -> None:
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original(cls, args)
         _fold(engine_args, {key: getattr(args, key, None) for key in settings_keys()})
+        if engine_settings(engine_args.additional_config) is not None:
+            _add_request_check(args)
         return engine_args
 
     _seam.replace(engine_args_cls, "from_cli_args", original, from_cli_args, kind="classmethod")

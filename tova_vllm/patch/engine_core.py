@@ -41,9 +41,11 @@ def kv_state(engine_core: Any) -> dict[str, Any]:
         for req_id, blocks in manager.req_to_blocks.items():
             running[req_id] = running.get(req_id, 0) + sum(not b.is_null for b in blocks)
     finished: dict[str, int] = {}
+    peaks: dict[str, int] = {}
     stats: dict[str, dict[str, int]] = {}
     for manager in tova:
         finished.update(manager.blocks_at_release)
+        peaks.update(manager.peak_blocks_at_release)
         for policy, counters in manager.stats.items():
             merged = stats.setdefault(policy, dict.fromkeys(vars(counters), 0))
             for key, value in vars(counters).items():
@@ -53,6 +55,8 @@ def kv_state(engine_core: Any) -> dict[str, Any]:
         "num_blocks": pool.num_gpu_blocks,
         "blocks_per_running_request": running,
         "blocks_at_release": finished,
+        # The most blocks each released request held at once.
+        "peak_blocks_at_release": peaks,
         "num_requests": len(scheduler.requests),
         # What vLLM computed (and logged) at startup from the specs'
         # max_memory_usage_bytes: requests of max_model_len that fit at once.

@@ -20,6 +20,13 @@ from tova_vllm.policies.base import EvictionPolicy
 
 ENTRY_POINT_GROUP = "tova_vllm.policies"
 
+# The settings every policy has (`tova_vllm.config`); no option may take them.
+KEY_POLICY = "kv_policy"
+KEY_BUDGET = "kv_budget"
+KEY_PROMPT_MODE = "kv_prompt_mode"
+KEY_PROMPT_CHUNK = "kv_prompt_chunk"
+GENERAL_KEYS: tuple[str, ...] = (KEY_POLICY, KEY_BUDGET, KEY_PROMPT_MODE, KEY_PROMPT_CHUNK)
+
 _REGISTRY: dict[str, type[EvictionPolicy]] = {}
 _OPTION_KEYS: dict[str, str] = {}  # option key -> policy name
 _lock = threading.RLock()
@@ -42,10 +49,15 @@ def register_policy(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
                 return existing
             raise ValueError(f"kv_policy {name!r} is registered twice: {_path(existing)} and {_path(cls)}")
         options = cls.options()  # validates the declaration
+        keys = [opt.key for opt in options]
         for opt in options:
             owner = _OPTION_KEYS.get(opt.key)
             if owner is not None:
                 raise ValueError(f"option key {opt.key!r} of policy {name!r} is already used by policy {owner!r}")
+            if opt.key in GENERAL_KEYS:
+                raise ValueError(f"option key {opt.key!r} of policy {name!r} is a general setting ({', '.join(GENERAL_KEYS)})")
+            if keys.count(opt.key) > 1:
+                raise ValueError(f"option key {opt.key!r} is declared twice by policy {name!r}")
         if cls.cuda_fast_path and (cls.per_kv_head or not cls.reads_attention or cls.accumulates):
             raise TypeError(f"{cls.__name__}: the CUDA fast path implements TOVA-like policies only")
         _REGISTRY[name] = cls
