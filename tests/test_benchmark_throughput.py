@@ -1,6 +1,7 @@
 """Smoke test of the throughput benchmark: `python -m benchmarks.throughput
---preset tiny` as a user runs it (real engines: stock, TOVA, ideal), then the
-JSON and PNG it promises. Speed itself is never asserted (see the README)."""
+--preset tiny` as a user runs it (real engines: stock, TOVA with bulk prompts,
+TOVA with chunked prompts, the ideal), then the JSON and PNG it promises.
+Speed itself is never asserted (see the README)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,16 @@ def test_prints_the_table(tiny_run):
     _, stdout, result = tiny_run
     assert "x stock" in stdout and "effic." in stdout
     for budget in TINY.budgets:
-        assert f"tova b={budget}" in stdout and f"ideal b={budget}" in stdout
+        assert f"ideal b={budget}" in stdout
+        for v in TINY.variants:
+            assert f"tova b={budget} {v.label}" in stdout
+            assert f"b={budget} {v.label}: efficiency" in stdout
     assert str(result["json"]) in stdout
+
+
+def test_tiny_covers_bulk_and_chunked():
+    assert [v.prompt_mode for v in TINY.variants] == ["bulk", "chunked"]
+    assert TINY.prompt_len > TINY.budgets[0] > TINY.variants[1].prompt_chunk
 
 
 def test_json_has_the_promised_fields(tiny_run):
@@ -54,34 +63,60 @@ def test_json_has_the_promised_fields(tiny_run):
                 assert field in b[key], (key, field)
         for key in ("ratio_vs_stock", "ideal_ratio_vs_stock", "efficiency"):
             assert b[key] is not None and b[key] > 0, key
+        assert [v["name"] for v in b["variants"]] == [v.name for v in TINY.variants]
+        for v, want in zip(b["variants"], TINY.variants):
+            assert (v["prompt_mode"], v["prompt_chunk"]) == (want.prompt_mode, want.prompt_chunk)
+            for key in ("tova", "ideal"):
+                for field in RUN_FIELDS:
+                    assert field in v[key], (v["name"], key, field)
+            for key in ("ratio_vs_stock", "ideal_ratio_vs_stock", "efficiency", "efficiency_vs_best_ideal"):
+                assert v[key] is not None and v[key] > 0, (v["name"], key)
+            assert str(v["ideal_concurrency"]) in b["ideals"]
+        # The top-level fields are the first variant's (bulk).
+        first = b["variants"][0]
+        for key in ("tova", "ideal", "ideal_concurrency", "ratio_vs_stock", "efficiency"):
+            assert b[key] == first[key], key
 
 
 def test_values_are_sane(tiny_run):
     _, _, result = tiny_run
     for b in result["offline"]["budgets"]:
-        stock, tova, ideal = b["stock"], b["tova"], b["ideal"]
-        for run in stock["runs"] + tova["runs"]:
+        stock = b["stock"]
+        for run in stock["runs"]:
             assert run["output_tokens"] == TINY.num_requests * TINY.output_len
             assert 1 <= run["peak_running"] <= TINY.max_num_seqs
             assert 0 < run["peak_kv_blocks"] <= run["kv_blocks"]
-        cap_blocks = -(-b["budget"] // TINY.block_size)  # no scratch slot
-        assert tova["kv_blocks"] == TINY.kv_tokens // TINY.block_size
-        # Capped at `cap_blocks` per sequence, TOVA never runs out of blocks:
-        # no preemption, and at most kv_blocks // cap_blocks sequences at once.
-        assert tova["preemptions"] == 0
-        assert tova["peak_running"] <= tova["kv_blocks"] // cap_blocks
-        # The ideal runs at TOVA's concurrency (its max_num_seqs), on sequences
-        # `budget` long, with room for them.
-        assert b["ideal_concurrency"] == tova["runs"][0]["peak_running"]
-        assert ideal["peak_running"] <= b["ideal_concurrency"]
-        assert ideal["kv_blocks"] == b["ideal_concurrency"] * -(-b["budget"] // TINY.stock_block_size)
-        assert ideal["preemptions"] == 0
+        # No scratch slot: once its prompt is processed a request holds
+        # ceil(budget / block_size) blocks; while it is processed, its prompt
+        # (bulk) or at most budget + chunk slots (chunked). Tiny's are all one block.
+        cap_blocks = -(-b["budget"] // TINY.block_size)
+        for v, variant in zip(b["variants"], TINY.variants):
+            tova, ideal = v["tova"], v["ideal"]
+            prompt_slots = TINY.prompt_len if variant.prompt_mode == "bulk" else min(
+                TINY.prompt_len, b["budget"] + (variant.prompt_chunk or b["budget"]))
+            assert -(-prompt_slots // TINY.block_size) == cap_blocks == 1
+            for run in tova["runs"]:
+                assert run["output_tokens"] == TINY.num_requests * TINY.output_len
+                assert 1 <= run["peak_running"] <= TINY.max_num_seqs
+                assert 0 < run["peak_kv_blocks"] <= run["kv_blocks"]
+            assert tova["kv_blocks"] == TINY.kv_tokens // TINY.block_size
+            # Capped at `cap_blocks` per sequence, TOVA never runs out of blocks:
+            # no preemption, and at most kv_blocks // cap_blocks sequences at once.
+            assert tova["preemptions"] == 0
+            assert tova["peak_running"] <= tova["kv_blocks"] // cap_blocks
+            assert tova["peak_kv_blocks"] <= tova["peak_running"] * cap_blocks
+            # The ideal runs at this variant's concurrency (its max_num_seqs),
+            # on sequences `budget` long, with room for them.
+            assert v["ideal_concurrency"] == tova["runs"][0]["peak_running"]
+            assert ideal["peak_running"] <= v["ideal_concurrency"]
+            assert ideal["kv_blocks"] == v["ideal_concurrency"] * -(-b["budget"] // TINY.stock_block_size)
+            assert ideal["preemptions"] == 0
+            assert v["ratio_vs_stock"] == pytest.approx(
+                tova["output_tok_per_s"] / stock["output_tok_per_s"], rel=1e-2)
+            assert v["efficiency"] == pytest.approx(
+                tova["output_tok_per_s"] / ideal["output_tok_per_s"], rel=1e-2)
         w = b["ideal_workload"]
         assert w["prompt_len"] + w["output_len"] == b["budget"]
-        assert b["ratio_vs_stock"] == pytest.approx(
-            tova["output_tok_per_s"] / stock["output_tok_per_s"], rel=1e-2)
-        assert b["efficiency"] == pytest.approx(
-            tova["output_tok_per_s"] / ideal["output_tok_per_s"], rel=1e-2)
 
 
 def test_writes_the_plot(tiny_run):

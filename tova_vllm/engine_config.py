@@ -98,6 +98,20 @@ def _refuse_full_cuda_graphs(vllm_config: Any, name: str, requested: str | None)
         )
 
 
+def _log_prefix_caching() -> None:
+    from tova_vllm.policies import policy_classes
+
+    exact = [c.name for c in policy_classes() if c.prefix_cacheable]
+    other = [c.name for c in policy_classes() if not c.prefix_cacheable]
+    logger.info(
+        "tova-vllm: prefix caching is on for bulk prompts of kv_policy %s (the kept tokens of a "
+        "cached prefix are those of a cold prompt); requests with kv_policy %s, or with chunked "
+        "or streamed prompts, neither read nor write it (--no-enable-prefix-caching turns it off).",
+        ", ".join(exact),
+        ", ".join(other) or "-",
+    )
+
+
 def prepare_vllm_config(vllm_config: Any, requested_cudagraph: str | None = None) -> None:
     """Validate the model and adjust the config for the policy, in place
     (``requested_cudagraph``: the cudagraph mode the user asked for)."""
@@ -126,13 +140,7 @@ def prepare_vllm_config(vllm_config: Any, requested_cudagraph: str | None = None
     _refuse_full_cuda_graphs(vllm_config, name, requested_cudagraph)
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:
-        logger.warning(
-            "tova-vllm: prefix caching is switched off with kv_policy=%r: the "
-            "tokens a sequence keeps depend on its attention history, so cached "
-            "prefix blocks cannot be shared.",
-            name,
-        )
-        cache_config.enable_prefix_caching = False
+        _log_prefix_caching()
     pin_v1_model_runner()
     if not getattr(cache_config, "user_specified_block_size", True):
         # A request keeps `budget` slots; small blocks waste less of the last

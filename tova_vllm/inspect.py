@@ -47,6 +47,7 @@ def _kept_positions_on_worker(worker: Any, request_id: str) -> dict[str, Any] | 
     import torch
 
     from tova_vllm.backend.impl import TovaAttentionImpl
+    from tova_vllm.backend.planning import MODE_CODES, prompt_region_blocks
     from tova_vllm.backend.slots import SlotView, row_slot_ids
     from tova_vllm.config import engine_settings_of, request_settings
 
@@ -62,6 +63,7 @@ def _kept_positions_on_worker(worker: Any, request_id: str) -> dict[str, Any] | 
     settings = request_settings(engine_settings_of(runner.vllm_config), state.sampling_params.extra_args)
     held = min(tokens, settings.budget)
     block_row = torch.from_numpy(batch.block_table.block_tables[0].block_table.np[row].copy())
+    caching = bool(runner.vllm_config.cache_config.enable_prefix_caching)
     layers = {}
     for name, module in runner.compilation_config.static_forward_context.items():
         impl = getattr(module, "impl", None)
@@ -69,7 +71,45 @@ def _kept_positions_on_worker(worker: Any, request_id: str) -> dict[str, Any] | 
             continue
         cache = module.kv_cache[0] if isinstance(module.kv_cache, (list, tuple)) else module.kv_cache
         view = SlotView(cache, impl.head_size)
-        ids = row_slot_ids(block_row.to(cache.device), torch.arange(held, device=cache.device), view.block_size)
+        first = view.block_size * prompt_region_blocks(
+            state.num_prompt_tokens, view.block_size, MODE_CODES[settings.prompt_mode],
+            settings.policy.prefix_cacheable, caching,
+        )  # fmt: skip  (the kept region's first slot)
+        slots = torch.arange(first, first + held, device=cache.device)
+        ids = row_slot_ids(block_row.to(cache.device), slots, view.block_size)
         pos = view.positions[ids].T.cpu()  # [Hkv, held]
         layers[name] = [sorted(p.tolist()) for p in pos]
     return {"tokens": tokens, "layers": layers}
+
+
+# Operators that only make a new view of a tensor (no kernel, no copy).
+VIEW_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "slice", "view", "transpose", "unsqueeze", "squeeze", "expand", "flatten", "alias", "select",
+        "as_strided", "permute", "t", "narrow", "_reshape_alias", "detach", "lift_fresh", "unflatten",
+        "split", "unbind", "chunk", "view_as", "expand_as", "diagonal",
+    )
+)  # fmt: skip
+# Operators that copy only when they must (a view otherwise).
+_MAYBE_VIEW = frozenset(("aten::reshape", "aten::to", "aten::contiguous", "aten::type_as", "aten::view_as"))
+
+
+def is_device_op(event) -> bool:
+    """Whether a torch profiler event ran a kernel or made a copy (views and
+    no-op casts do not)."""
+    if event.name in VIEW_OPS:
+        return False
+    if event.name in _MAYBE_VIEW:
+        return any(is_device_op(child) for child in event.cpu_children)
+    return event.name.startswith(("aten::", "_C::", "vllm::"))
+
+
+def count_device_ops(events, parent: str | None = None) -> list[int]:
+    """Device operations (`is_device_op`, counted at the top of each call
+    tree) of a torch profiler's events: one count per event named ``parent``
+    (e.g. ``"vllm::unified_attention_with_output"``, one per layer call), or
+    one count of the top-level events when ``parent`` is None."""
+    if parent is None:
+        return [sum(1 for e in events if e.cpu_parent is None and is_device_op(e))]
+    return [sum(1 for c in e.cpu_children if is_device_op(c)) for e in events if e.name == parent]

@@ -1,11 +1,15 @@
 """Throughput of vLLM + TOVA vs stock vLLM, same workload, same KV memory, one run.
 
-    python -m benchmarks.throughput [--preset cpu|gpu|tiny] [--mode offline|served|both]
-        [--budgets 16,32,256] [--num-requests N] [--seq-len L] [--prompt-len P]
-        [--stock-full-seqs S] [--max-num-seqs M] [--rounds R] [--model PATH] [--out DIR]
+    python -m benchmarks.throughput [--preset cpu|long-prompt|gpu|tiny] [--mode offline|served|both]
+        [--budgets 16,32,256] [--variants bulk,chunked:64] [--num-requests N] [--seq-len L]
+        [--prompt-len P] [--stock-full-seqs S] [--max-num-seqs M] [--rounds R] [--model PATH]
+        [--out DIR]
 
 Prints a table per mode and writes DIR/throughput.json and DIR/throughput.png
-(ratio to stock vs budget). Run from the repository root.
+(ratio to stock vs budget, and peak running sequences). ``--variants``: the
+TOVA variants measured per budget beside the same stock runs, each
+``mode[:chunk]`` with mode bulk, chunked or stream (the preset's by default).
+Run from the repository root.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.throughput import report
-from benchmarks.throughput.presets import LLAMA2_7B_SHAPE, PRESETS, llama2_7b_shaped_model
+from benchmarks.throughput.presets import LLAMA2_7B_SHAPE, PRESETS, Variant, llama2_7b_shaped_model
 
 _OVERRIDES = ("num_requests", "seq_len", "prompt_len", "stock_full_seqs", "max_num_seqs",
               "rounds", "block_size", "stock_block_size", "dtype", "model", "served_num_requests")
@@ -30,6 +34,9 @@ def parse_args(argv=None):
     ap.add_argument("--mode", choices=("offline", "served", "both"), default="offline")
     ap.add_argument("--budgets", help="comma-separated TOVA budgets (offline)")
     ap.add_argument("--served-budgets", help="comma-separated TOVA budgets (served)")
+    ap.add_argument("--variants", help="comma-separated TOVA variants, mode[:chunk] each "
+                    "(e.g. bulk,chunked:64; the first is the JSON's top-level one)")
+    ap.add_argument("--target-efficiency", type=float, help="efficiency target reported (not asserted)")
     ap.add_argument("--out", default="benchmarks/throughput/results", help="output folder")
     for name in _OVERRIDES:
         kind = str if name in ("dtype", "model") else int
@@ -44,7 +51,17 @@ def build_preset(args):
         changes["budgets"] = tuple(int(b) for b in args.budgets.split(","))
     if args.served_budgets:
         changes["served_budgets"] = tuple(int(b) for b in args.served_budgets.split(","))
-    p = dataclasses.replace(p, **changes)
+    if args.variants:
+        try:
+            changes["variants"] = tuple(Variant.parse(v) for v in args.variants.split(",") if v.strip())
+        except ValueError as e:
+            raise SystemExit(f"--variants: {e}") from None
+    if args.target_efficiency is not None:
+        changes["target_efficiency"] = args.target_efficiency
+    try:
+        p = dataclasses.replace(p, **changes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if not 0 < p.prompt_len < p.seq_len:
         raise SystemExit(f"--prompt-len must be in 1..seq_len-1 (got {p.prompt_len}, seq_len {p.seq_len})")
     return p
@@ -100,11 +117,14 @@ def main(argv=None) -> dict:
     print(f"\nthroughput, preset '{p.name}': {p.num_requests} requests x {p.seq_len} tokens "
           f"({p.prompt_len} prompt + {p.output_len} output, EOS ignored), {p.dtype}, "
           f"KV cache {p.kv_tokens} tokens (= {p.stock_full_seqs} full sequences; blocks of "
-          f"{p.stock_block_size} for stock, {p.block_size} for TOVA), max_num_seqs {p.max_num_seqs}")
+          f"{p.stock_block_size} for stock, {p.block_size} for TOVA), max_num_seqs {p.max_num_seqs}; "
+          f"TOVA variants: {', '.join(v.label for v in p.variants)} prompts")
     if "offline" in result:
         print("\noffline (vllm.LLM):\n" + report.offline_table(result["offline"], p.seq_len))
+        print(report.targets(result["offline"], p.target_efficiency))
     if "served" in result:
         print("\nserved (vllm serve + vllm bench serve):\n" + report.served_table(result["served"]))
+        print(report.targets(result["served"], p.target_efficiency))
     print("\nx stock: output tok/s over the stock runs next to it; effic.: TOVA / ideal "
           "(stock vLLM on sequences only `budget` tokens long at TOVA's peak concurrency)")
     walls = ", ".join(f"{m} {result[m + '_wall_s']:.0f} s" for m in ("offline", "served") if m in result)

@@ -3,11 +3,14 @@ sequences and the KV blocks in use can be sampled after every engine step.
 
 Per budget, alternating (stock, TOVA, ideal; repeated ``rounds`` times):
 - stock: stock vLLM, the workload's N sequences of seq_len tokens;
-- TOVA: the same workload with ``kv_policy="tova", kv_budget=budget``;
+- TOVA: the same workload with ``kv_policy="tova", kv_budget=budget``, once
+  per variant of the preset (``Preset.variants``: bulk prompts, chunked
+  prompts, ...; each variant on its own engine);
 - ideal: stock vLLM on sequences only ``budget`` tokens long (the workload
   scaled down: same prompt share, about the same output tokens in total), on
   an engine with ``max_num_seqs`` = the peak concurrency TOVA reached and the
-  blocks those sequences need. No scoring and no eviction: what a capped KV
+  blocks those sequences need (one per distinct peak concurrency of the
+  variants; each variant's efficiency is against the ideal at its own peak). No scoring and no eviction: what a capped KV
   cache could give at best. (Its own engine: a driver that holds a stock
   engine at that concurrency loses a step each time a wave of requests ends,
   about 7% with 15-token requests.)
@@ -195,44 +198,80 @@ def run(p: Preset, model: str, policy: str = "tova") -> dict[str, Any]:
     finally:
         stop_engine(stock)
     all_stock = [r for b in results for r in b["stock"]["runs"]]
-    return {"stock": aggregate(all_stock), "budgets": results}
+    return {"stock": aggregate(all_stock), "budgets": results,
+            "variants": [dataclasses.asdict(v) | {"name": v.name, "label": v.label} for v in p.variants]}
 
 
 def _run_budget(p, base, w, stock, budget, policy) -> dict[str, Any]:
+    """Per round: a stock run, a run of every TOVA variant (each on its own
+    engine), then the ideal at each variant's peak concurrency (one engine
+    per distinct concurrency, started after the first round)."""
     evicts = budget < w.seq_len
     tova_kwargs = {**base, **engine_kwargs(p, base["model"], p.block_size)}
-    tova = start_engine(f"{policy} budget={budget}", **tova_kwargs, kv_policy=policy, kv_budget=budget)
-    runs = {"stock": [], "tova": [], "ideal": []}
-    concurrency = ideal = None
+    engines: dict[str, Any] = {}
+    ideals: dict[int, Any] = {}
+    runs: dict[str, list] = {"stock": [], **{v.name: [] for v in p.variants}}
+    ideal_runs: dict[int, list] = {}
+    concurrency: dict[str, int] = {}
     try:
+        for v in p.variants:
+            engines[v.name] = start_engine(f"{policy} {v.label} budget={budget}", **tova_kwargs,
+                                           kv_policy=policy, kv_budget=budget, **v.engine_args())
         for rnd in range(1, p.rounds + 1):
+            last = rnd == p.rounds
             runs["stock"].append(drive(stock, w, f"stock (b={budget} r{rnd})"))
-            runs["tova"].append(drive(tova, w, f"{policy} b={budget} r{rnd}"))
+            for v in p.variants:
+                runs[v.name].append(drive(engines[v.name], w, f"{policy} {v.label} b={budget} r{rnd}"))
+                if last:  # done with it: free its memory before the ideals start
+                    stop_engine(engines.pop(v.name))
             if not evicts:
                 continue  # nothing to evict: stock itself is the ideal
-            if ideal is None:
-                concurrency = runs["tova"][0]["peak_running"]
-                ideal = start_engine(f"ideal budget={budget} max_num_seqs={concurrency}",
-                                     **ideal_engine_kwargs(p, base, budget, concurrency))
-            runs["ideal"].append(drive(ideal, ideal_workload(w, budget), f"ideal b={budget} r{rnd}"))
+            for v in p.variants:
+                concurrency.setdefault(v.name, max(1, runs[v.name][0]["peak_running"]))
+            for c in sorted(set(concurrency.values())):
+                if c not in ideals:
+                    ideals[c] = start_engine(f"ideal budget={budget} max_num_seqs={c}",
+                                             **ideal_engine_kwargs(p, base, budget, c))
+                ideal_runs.setdefault(c, []).append(
+                    drive(ideals[c], ideal_workload(w, budget), f"ideal b={budget} ({c} seqs) r{rnd}"))
+                if last:
+                    stop_engine(ideals.pop(c))
     finally:
-        stop_engine(tova)
-        if ideal is not None:
-            stop_engine(ideal)
-    s, t, i = (aggregate(runs[k]) for k in ("stock", "tova", "ideal"))
-    if not evicts:
-        i = None
-    ideal_ref = i or s
+        for llm in [*engines.values(), *ideals.values()]:
+            stop_engine(llm)
+    s = aggregate(runs["stock"])
+    ideal_aggs = {c: aggregate(r) for c, r in ideal_runs.items()}
+    best = ideal_aggs[max(ideal_aggs)] if ideal_aggs else None
+    variants = []
+    for v in p.variants:
+        t = aggregate(runs[v.name])
+        c = concurrency.get(v.name)
+        i = ideal_aggs.get(c) if evicts else None
+        ref = i or s
+        variants.append({
+            "name": v.name, "label": v.label, "prompt_mode": v.prompt_mode, "prompt_chunk": v.prompt_chunk,
+            "tova": t, "ideal": i, "ideal_concurrency": c,
+            "ratio_vs_stock": _ratio(t, s),
+            "ideal_ratio_vs_stock": _ratio(ref, s),
+            "efficiency": _ratio(t, ref),
+            # Against the ideal at the highest concurrency any variant reached
+            # (with one variant, or all at the same concurrency: = efficiency).
+            "efficiency_vs_best_ideal": _ratio(t, best or s),
+        })
+    first = variants[0]
     return {
         "budget": budget,
         "budget_fraction": round(budget / w.seq_len, 4),
         "evicts": evicts,
-        "ideal_concurrency": concurrency,
         "ideal_workload": dataclasses.asdict(ideal_workload(w, budget)) if evicts else None,
         "stock": s,
-        "tova": t,
-        "ideal": i,
-        "ratio_vs_stock": _ratio(t, s),
-        "ideal_ratio_vs_stock": _ratio(ideal_ref, s),
-        "efficiency": _ratio(t, ideal_ref),
+        # The first variant (bulk prompts by default), as before variants existed:
+        "tova": first["tova"],
+        "ideal": first["ideal"],
+        "ideal_concurrency": first["ideal_concurrency"],
+        "ratio_vs_stock": first["ratio_vs_stock"],
+        "ideal_ratio_vs_stock": first["ideal_ratio_vs_stock"],
+        "efficiency": first["efficiency"],
+        "variants": variants,
+        "ideals": {str(c): a for c, a in sorted(ideal_aggs.items())},
     }

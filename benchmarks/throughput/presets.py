@@ -2,7 +2,12 @@
 the rest output, EOS ignored); budgets are TOVA's per-sequence token budgets.
 The KV cache has the same memory for every engine: enough for
 ``stock_full_seqs`` full sequences (the paper's shape: stock vLLM fits only a
-few, while a budget of 1/8 of the sequence fits about 8x more)."""
+few, while a budget of 1/8 of the sequence fits about 8x more).
+
+A preset measures one or more TOVA *variants* per budget (``variants``): how
+prompts are processed (``kv_prompt_mode`` ``bulk``, ``chunked`` with
+``kv_prompt_chunk``, or ``stream``), each on its own engine beside the same
+stock runs."""
 
 from __future__ import annotations
 
@@ -13,6 +18,54 @@ import shutil
 from pathlib import Path
 
 LLAMA2_7B_SHAPE = "llama-2-7b-shape"
+PROMPT_MODES = ("bulk", "chunked", "stream")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to run TOVA beside stock: its prompt mode (and chunk)."""
+
+    prompt_mode: str = "bulk"
+    prompt_chunk: int | None = None  # chunked only; None: the budget
+
+    def __post_init__(self):
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"prompt mode must be one of {', '.join(PROMPT_MODES)}; got {self.prompt_mode!r}")
+        if self.prompt_chunk is not None and (self.prompt_mode != "chunked" or self.prompt_chunk < 1):
+            raise ValueError("a prompt chunk (a positive integer) goes with the chunked prompt mode only")
+
+    @property
+    def name(self) -> str:
+        """'bulk', 'chunked', 'chunked64', 'stream' (JSON key, file names)."""
+        return self.prompt_mode + (str(self.prompt_chunk) if self.prompt_chunk else "")
+
+    @property
+    def label(self) -> str:
+        """'bulk', 'chunked/64' (chunks of 64 tokens), 'stream' (tables, plots)."""
+        return self.prompt_mode + (f"/{self.prompt_chunk}" if self.prompt_chunk else "")
+
+    def engine_args(self) -> dict:
+        """LLM(...) keywords."""
+        kw = {"kv_prompt_mode": self.prompt_mode}
+        if self.prompt_chunk:
+            kw["kv_prompt_chunk"] = self.prompt_chunk
+        return kw
+
+    def cli_args(self) -> list[str]:
+        """`vllm serve` flags."""
+        args = ["--kv-prompt-mode", self.prompt_mode]
+        if self.prompt_chunk:
+            args += ["--kv-prompt-chunk", str(self.prompt_chunk)]
+        return args
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """'bulk', 'chunked', 'chunked:64', 'stream'."""
+        mode, _, chunk = text.strip().partition(":")
+        return cls(mode, int(chunk) if chunk else None)
+
+
+BULK = Variant()
 
 
 @dataclasses.dataclass
@@ -35,6 +88,16 @@ class Preset:
     enforce_eager: bool = True
     served_budgets: tuple[int, ...] = ()
     served_num_requests: int = 0
+    # TOVA variants measured per budget, each on its own engine (the first is
+    # the one the JSON's top-level per-budget fields describe).
+    variants: tuple[Variant, ...] = (BULK,)
+    # Efficiency (TOVA / ideal) this preset is measured against (never asserted).
+    target_efficiency: float = 0.85
+
+    def __post_init__(self):
+        names = [v.name for v in self.variants]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"variants must be distinct and at least one; got {names}")
 
     @property
     def output_len(self) -> int:
@@ -56,29 +119,57 @@ class Preset:
 
 
 PRESETS = {
-    # <= 15 minutes on 2 busy CPU cores, engine starts included (four: stock,
-    # TOVA per budget, the ideal for budget 16). Budget 16 is 1/8 of the sequence; 256 exceeds it
-    # (nothing evicted). Stock's KV memory holds 2 full sequences; TOVA's
-    # holds 8 at budget 16 (2 blocks of 16 each).
+    # Budgets of 1/4, 1/8 and 1/16 of the sequence, and one above it (nothing
+    # evicted). Stock's KV memory holds 2 full sequences (256 tokens); with
+    # TOVA's blocks of 16 a request holds ceil(budget / 16) blocks: 2 at 1/4
+    # (8 sequences fit), 1 at 1/8 and at 1/16 (16 fit; at 1/16 a request still
+    # takes one whole block), so 16 requests show the difference. Eight engine
+    # starts (stock, TOVA per budget, the ideal per evicting budget), one
+    # round: about 12-15 minutes on 2 quiet CPU cores (stock's four runs of
+    # 16 x 120 tokens at 2 sequences at a time take about a third of it).
     "cpu": Preset(
         name="cpu",
         seq_len=128,
         prompt_len=8,
-        num_requests=8,
-        budgets=(16, 256),
+        num_requests=16,
+        budgets=(32, 16, 8, 256),
         stock_full_seqs=2,
         max_num_seqs=32,
         stock_block_size=32,
-        rounds=2,  # others share these CPUs: two alternations even out their load
+        rounds=1,
         served_budgets=(16,),
         served_num_requests=8,
     ),
-    # The smoke test's: seconds of work, three engine starts. TOVA's blocks are
-    # 32 here too, so a request holds one block from admission to the end.
+    # Long prompts, short outputs: 16 x (384 prompt + 128 output), budget 64
+    # (1/8), KV memory for 2 full sequences (1,024 tokens: 64 TOVA blocks).
+    # With bulk prompts a request holds its whole prompt (24 blocks) until
+    # the prompt is processed, which limits how many are admitted; chunked
+    # prompts (chunks of 64) hold at most budget + chunk = 128 slots (8
+    # blocks). Both against the same stock runs; each against its ideal.
+    "long-prompt": Preset(
+        name="long-prompt",
+        seq_len=512,
+        prompt_len=384,
+        num_requests=16,
+        budgets=(64,),
+        stock_full_seqs=2,
+        max_num_seqs=32,
+        stock_block_size=32,
+        rounds=1,
+        served_budgets=(64,),
+        served_num_requests=16,
+        variants=(BULK, Variant("chunked", 64)),
+        target_efficiency=0.9,
+    ),
+    # The smoke test's: seconds of work, four engine starts (stock, TOVA bulk,
+    # TOVA chunked, the ideal). TOVA's blocks are 32 here too, so a request
+    # holds one block from admission to the end; prompts (24) exceed the
+    # budget (16), so bulk reduces its prompt at its end and chunked (chunks of
+    # 8) after every chunk.
     "tiny": Preset(
         name="tiny",
         seq_len=48,
-        prompt_len=4,
+        prompt_len=24,
         num_requests=6,
         budgets=(16,),
         stock_full_seqs=3,
@@ -87,6 +178,7 @@ PRESETS = {
         stock_block_size=32,
         served_budgets=(16,),
         served_num_requests=6,
+        variants=(BULK, Variant("chunked", 8)),
     ),
     # The paper's shape (LLaMA-2-7B, 4,096-token sequences), random weights;
     # for a GPU machine (not run in this repository's CI, which has no GPU).

@@ -49,6 +49,12 @@ def profile(model, args, label, **policy) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         _steps(llm, args.steps)
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    try:  # device operations per attention layer call (kernels and copies, not views)
+        from tova_vllm.inspect import count_device_ops
+
+        counts = sorted(count_device_ops(prof.events(), "vllm::unified_attention_with_output"))
+    except ImportError:  # an older tova-vllm
+        counts = []
     cp = cProfile.Profile()
     cp.enable()
     _steps(llm, args.steps)
@@ -56,7 +62,8 @@ def profile(model, args, label, **policy) -> dict:
     out = io.StringIO()
     pstats.Stats(cp, stream=out).sort_stats("cumulative").print_stats(args.top * 2)
     llm.llm_engine.engine_core.shutdown()
-    return {"label": label, "step_ms": step_ms, "ops": ops, "functions": out.getvalue()}
+    return {"label": label, "step_ms": step_ms, "ops": ops, "functions": out.getvalue(),
+            "layer_ops": counts[len(counts) // 2] if counts else None}
 
 
 def main() -> None:
@@ -86,7 +93,8 @@ def main() -> None:
         print(f"\n===== {r['label']}: functions by cumulative time =====\n{r['functions']}")
     print(f"\nbatch {args.batch}, decode steps at context {args.warmup}..{args.warmup + 2 * args.steps}")
     for r in results:
-        print(f"{r['label']:24s} {r['step_ms']:8.1f} ms per decode step")
+        ops = "" if r["layer_ops"] is None else f", {r['layer_ops']} device operations per attention layer call (median)"
+        print(f"{r['label']:24s} {r['step_ms']:8.1f} ms per decode step{ops}")
 
 
 if __name__ == "__main__":

@@ -34,18 +34,63 @@ def _table(rows: list[tuple]) -> str:
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _variants(part: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """The TOVA variants of a budget's result (one, bulk, in results written
+    before variants existed)."""
+    return b.get("variants") or [{
+        "name": "bulk", "label": "bulk", "tova": b["tova"], "ideal": b.get("ideal"),
+        "ideal_concurrency": b.get("ideal_concurrency"), "ratio_vs_stock": b["ratio_vs_stock"],
+        "ideal_ratio_vs_stock": b["ideal_ratio_vs_stock"], "efficiency": b["efficiency"],
+    }]
+
+
+def _tova_label(v: dict[str, Any], many: bool, budget: int) -> str:
+    return f"tova b={budget}" + (f" {v['label']}" if many else "")
+
+
 def offline_table(off: dict[str, Any], seq_len: int) -> str:
     rows = []
     for b in off["budgets"]:
         budget = b["budget"]
+        variants = _variants(off, b)
+        many = len(variants) > 1
         rows.append(_row(f"stock (next to b={budget})", b["stock"], 1.0))
         share = f"{fraction(budget, seq_len)} of seq" if budget < seq_len else "nothing evicted"
-        rows.append(_row(f"tova b={budget} ({share})", b["tova"],
-                         b["ratio_vs_stock"], b["efficiency"]))
-        if b["ideal"] is not None:
-            rows.append(_row(f"ideal b={budget} (stock, {b['ideal_concurrency']} seqs)", b["ideal"],
-                             b["ideal_ratio_vs_stock"], 1.0))
+        for v in variants:
+            rows.append(_row(f"{_tova_label(v, many, budget)} ({share})", v["tova"],
+                             v["ratio_vs_stock"], v["efficiency"]))
+        seen = set()
+        for v in variants:
+            c = v["ideal_concurrency"]
+            if v["ideal"] is None or c in seen:
+                continue
+            seen.add(c)
+            rows.append(_row(f"ideal b={budget} (stock, {c} seqs)", v["ideal"], v["ideal_ratio_vs_stock"], 1.0))
     return _table(rows)
+
+
+def targets(part: dict[str, Any], target_efficiency: float | None) -> str:
+    """Per evicting budget and variant: efficiency against the target, and
+    (with several variants) peak/mean running sequences, the admission side."""
+    lines = []
+    for b in part["budgets"]:
+        variants = _variants(part, b)
+        for v in variants:
+            if not b.get("evicts", True) or v.get("efficiency") is None:
+                continue
+            eff = v["efficiency"]
+            met = "" if target_efficiency is None else (
+                f" (target >= {target_efficiency:.2f}: {'met' if eff >= target_efficiency else 'not met'})")
+            extra = ""
+            if len(variants) > 1:
+                t = v["tova"]
+                mean = f", mean {t['mean_running']}" if t.get("mean_running") is not None else ""
+                extra = f"; running peak {t['peak_running']}{mean}; x stock {v['ratio_vs_stock']:.2f}"
+                if v.get("efficiency_vs_best_ideal") not in (None, eff):
+                    extra += f"; vs the ideal at the highest concurrency {v['efficiency_vs_best_ideal']:.2f}"
+            lines.append(f"b={b['budget']} {v['label']}: efficiency {eff:.2f} vs ideal at "
+                         f"{v['ideal_concurrency']} seqs{met}{extra}")
+    return "\n".join(lines)
 
 
 def served_table(srv: dict[str, Any]) -> str:
@@ -53,12 +98,18 @@ def served_table(srv: dict[str, Any]) -> str:
             "TTFT p50/p99 ms", "TPOT p50/p99 ms")
     rows = []
     for b in srv["budgets"]:
-        for key, label, ratio, eff in (
-            ("stock", f"stock (next to b={b['budget']})", 1.0, None),
-            ("tova", f"tova b={b['budget']}", b["ratio_vs_stock"], b["efficiency"]),
-            ("ideal", f"ideal b={b['budget']}", b["ideal_ratio_vs_stock"], 1.0),
-        ):
-            r = b.get(key)
+        variants = _variants(srv, b)
+        many = len(variants) > 1
+        entries = [(b["stock"], f"stock (next to b={b['budget']})", 1.0, None)]
+        entries += [(v["tova"], _tova_label(v, many, b["budget"]), v["ratio_vs_stock"], v["efficiency"])
+                    for v in variants]
+        seen = set()
+        for v in variants:
+            if v.get("ideal") is not None and v["ideal_concurrency"] not in seen:
+                seen.add(v["ideal_concurrency"])
+                entries.append((v["ideal"], f"ideal b={b['budget']} ({v['ideal_concurrency']} seqs)",
+                                v["ideal_ratio_vs_stock"], 1.0))
+        for r, label, ratio, eff in entries:
             if r is None:
                 continue
             rows.append((
@@ -79,33 +130,57 @@ def write_json(result: dict[str, Any], path: Path) -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Left: output throughput over stock's vs the budget, per TOVA variant and
+    mode, with the ideal's (dashed). Right: peak running sequences (the
+    admission side: how many sequences the KV memory held at once)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     for mode, marker in (("offline", "o"), ("served", "s")):
         part = result.get(mode)
         if not part:
             continue
         bs = part["budgets"]
         x = [b["budget"] for b in bs]
-        ax.plot(x, [b["ratio_vs_stock"] for b in bs], marker=marker, label=f"TOVA / stock ({mode})")
-        ax.plot(x, [b["ideal_ratio_vs_stock"] for b in bs], marker=marker, linestyle="--",
-                label=f"ideal / stock ({mode})")
+        names = [v["name"] for v in _variants(part, bs[0])]
+        many = len(names) > 1
+        for k, name in enumerate(names):
+            vs = [next(v for v in _variants(part, b) if v["name"] == name) for b in bs]
+            label = vs[0]["label"]
+            tag = f"TOVA {label}" if many else "TOVA"
+            line, = ax.plot(x, [v["ratio_vs_stock"] for v in vs], marker=marker, label=f"{tag} / stock ({mode})")
+            ax.plot(x, [v["ideal_ratio_vs_stock"] for v in vs], marker=marker, linestyle="--", color=line.get_color(),
+                    alpha=0.7, label=f"ideal{f' at {label} concurrency' if many else ''} / stock ({mode})")
+            offset = (k - (len(names) - 1) / 2) * 0.04
+            xs = [xi * (1 + offset) for xi in x]
+            ax2.plot(xs, [v["tova"]["peak_running"] for v in vs], marker=marker,
+                     linestyle="none" if len(x) == 1 else "-", color=line.get_color(), label=f"{tag} ({mode})")
+            if all("mean_running" in v["tova"] for v in vs):
+                ax2.plot(xs, [v["tova"]["mean_running"] for v in vs], marker=marker, fillstyle="none",
+                         linestyle="none" if len(x) == 1 else ":", color=line.get_color())
+        ax2.plot(x, [b["stock"]["peak_running"] for b in bs], marker=marker, color="grey",
+                 linestyle="none" if len(x) == 1 else "-", label=f"stock ({mode})")
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xscale("log", base=2)
     seq = result["settings"]["seq_len"]
     budgets = sorted({b["budget"] for m in ("offline", "served") for b in (result.get(m) or {}).get("budgets", [])})
-    ax.set_xticks(budgets, [f"{b}\n({fraction(b, seq)})" for b in budgets], fontsize=8)
-    ax.minorticks_off()
-    ax.set_xlabel(f"KV budget (tokens; sequences are {result['settings']['seq_len']} tokens)")
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xticks(budgets, [f"{b}\n({fraction(b, seq)})" for b in budgets], fontsize=8)
+        a.minorticks_off()
+        a.set_xlabel(f"KV budget (tokens; sequences are {seq} tokens)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    if len(budgets) == 1:
+        for a in (ax, ax2):
+            a.set_xlim(budgets[0] / 1.5, budgets[0] * 1.5)
     ax.set_ylabel("output throughput vs stock vLLM")
-    ax.set_title(f"tova-vllm throughput, preset '{result['preset']}', {result['settings']['model_name']}",
+    ax2.set_ylabel("running sequences\n(filled: peak; open: mean, offline)")
+    ax2.set_ylim(bottom=0)
+    fig.suptitle(f"tova-vllm throughput, preset '{result['preset']}', {result['settings']['model_name']}",
                  fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -3,8 +3,10 @@ by vLLM's own `vllm bench serve` (random prompts of the workload's lengths,
 EOS ignored, all requests at once). While a run goes, the server's /metrics is
 polled for the running requests and KV usage; preemptions are the counter's
 increase over the run. Same alternation as offline: per budget, a stock run,
-a TOVA run, and an ideal run (a stock server with ``--max-num-seqs`` = the
-peak concurrency the TOVA server reached, on sequences ``budget`` tokens long).
+a TOVA run per variant of the preset (prompt mode; each its own server), and an
+ideal run (a stock server with ``--max-num-seqs`` = the peak concurrency the
+TOVA server reached, on sequences ``budget`` tokens long; one per distinct
+peak concurrency of the variants).
 """
 
 from __future__ import annotations
@@ -181,36 +183,70 @@ def run(p: Preset, model: str, out: Path, policy: str = "tova") -> dict[str, Any
     results = []
     try:
         for budget in p.served_budgets:
-            evicts = budget < w.seq_len
-            runs = {"stock": [], "tova": [], "ideal": []}
-            tova = Server(f"{policy} b={budget}", model, p, out_dir, p.max_num_seqs, p.block_size,
-                          ["--kv-policy", policy, "--kv-budget", str(budget)])
-            concurrency = ideal = None
-            try:
-                for rnd in range(1, p.rounds + 1):
-                    runs["stock"].append(bench(stock, w, p, out_dir, f"stock-b{budget}-r{rnd}"))
-                    runs["tova"].append(bench(tova, w, p, out_dir, f"{policy}-b{budget}-r{rnd}"))
-                    if not evicts:
-                        continue
-                    if ideal is None:
-                        concurrency = max(1, runs["tova"][0]["peak_running"])
-                        ideal = Server(f"ideal b={budget}", model, p, out_dir, concurrency,
-                                       p.stock_block_size, [], max_model_len=budget,
-                                       num_blocks=p.ideal_blocks(budget, concurrency) + 1)
-                    runs["ideal"].append(bench(ideal, ideal_workload(w, budget), p, out_dir,
-                                               f"ideal-b{budget}-r{rnd}"))
-            finally:
-                tova.stop()
-                if ideal is not None:
-                    ideal.stop()
-            s, t, i = (_aggregate(runs[k]) for k in ("stock", "tova", "ideal"))
-            ref = i or s
-            results.append({
-                "budget": budget, "budget_fraction": round(budget / w.seq_len, 4), "evicts": evicts,
-                "ideal_concurrency": concurrency, "stock": s, "tova": t, "ideal": i,
-                "ratio_vs_stock": _ratio(t, s), "ideal_ratio_vs_stock": _ratio(ref, s),
-                "efficiency": _ratio(t, ref),
-            })
+            results.append(_run_budget(p, model, out_dir, w, stock, budget, policy))
     finally:
         stock.stop()
-    return {"budgets": results, "num_requests": w.num_requests}
+    return {"budgets": results, "num_requests": w.num_requests,
+            "variants": [{"name": v.name, "label": v.label, "prompt_mode": v.prompt_mode,
+                          "prompt_chunk": v.prompt_chunk} for v in p.variants]}
+
+
+def _run_budget(p, model, out_dir, w, stock, budget, policy) -> dict[str, Any]:
+    """As offline: per round stock, each TOVA variant (its own server), then
+    the ideal at each variant's peak concurrency (one server per distinct one)."""
+    evicts = budget < w.seq_len
+    runs: dict[str, list] = {"stock": [], **{v.name: [] for v in p.variants}}
+    servers: dict[str, Server] = {}
+    ideals: dict[int, Server] = {}
+    ideal_runs: dict[int, list] = {}
+    concurrency: dict[str, int] = {}
+    try:
+        for v in p.variants:
+            servers[v.name] = Server(f"{policy} {v.name} b={budget}", model, p, out_dir, p.max_num_seqs,
+                                     p.block_size, ["--kv-policy", policy, "--kv-budget", str(budget),
+                                                    *v.cli_args()])
+        for rnd in range(1, p.rounds + 1):
+            last = rnd == p.rounds
+            runs["stock"].append(bench(stock, w, p, out_dir, f"stock-b{budget}-r{rnd}"))
+            for v in p.variants:
+                runs[v.name].append(bench(servers[v.name], w, p, out_dir, f"{policy}-{v.name}-b{budget}-r{rnd}"))
+                if last:
+                    servers.pop(v.name).stop()
+            if not evicts:
+                continue
+            for v in p.variants:
+                concurrency.setdefault(v.name, max(1, runs[v.name][0]["peak_running"]))
+            for c in sorted(set(concurrency.values())):
+                if c not in ideals:
+                    ideals[c] = Server(f"ideal b={budget} c={c}", model, p, out_dir, c, p.stock_block_size, [],
+                                       max_model_len=budget, num_blocks=p.ideal_blocks(budget, c) + 1)
+                ideal_runs.setdefault(c, []).append(
+                    bench(ideals[c], ideal_workload(w, budget), p, out_dir, f"ideal-b{budget}-c{c}-r{rnd}"))
+                if last:
+                    ideals.pop(c).stop()
+    finally:
+        for server in [*servers.values(), *ideals.values()]:
+            server.stop()
+    s = _aggregate(runs["stock"])
+    ideal_aggs = {c: _aggregate(r) for c, r in ideal_runs.items()}
+    best = ideal_aggs[max(ideal_aggs)] if ideal_aggs else None
+    variants = []
+    for v in p.variants:
+        t = _aggregate(runs[v.name])
+        c = concurrency.get(v.name)
+        i = ideal_aggs.get(c) if evicts else None
+        ref = i or s
+        variants.append({
+            "name": v.name, "label": v.label, "prompt_mode": v.prompt_mode, "prompt_chunk": v.prompt_chunk,
+            "tova": t, "ideal": i, "ideal_concurrency": c, "ratio_vs_stock": _ratio(t, s),
+            "ideal_ratio_vs_stock": _ratio(ref, s), "efficiency": _ratio(t, ref),
+            "efficiency_vs_best_ideal": _ratio(t, best or s),
+        })
+    first = variants[0]
+    return {
+        "budget": budget, "budget_fraction": round(budget / w.seq_len, 4), "evicts": evicts,
+        "stock": s, "tova": first["tova"], "ideal": first["ideal"], "ideal_concurrency": first["ideal_concurrency"],
+        "ratio_vs_stock": first["ratio_vs_stock"], "ideal_ratio_vs_stock": first["ideal_ratio_vs_stock"],
+        "efficiency": first["efficiency"], "variants": variants,
+        "ideals": {str(c): a for c, a in sorted(ideal_aggs.items())},
+    }

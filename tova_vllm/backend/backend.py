@@ -36,8 +36,10 @@ class TovaAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
-    #: The engine's settings (set on the subclass `for_settings` makes).
+    #: The engine's settings and whether it caches prompt prefixes (set on
+    #: the subclass `for_settings` makes).
     engine_settings: ClassVar[KVSettings | None] = None
+    prefix_caching: ClassVar[bool] = False
 
     @staticmethod
     def get_name() -> str:
@@ -101,10 +103,12 @@ class TovaAttentionBackend(AttentionBackend):
 
     @classmethod
     @functools.cache
-    def for_settings(cls, settings: KVSettings) -> type[TovaAttentionBackend]:
+    def for_settings(cls, settings: KVSettings, prefix_caching: bool = False) -> type[TovaAttentionBackend]:
         """This backend bound to the engine's settings."""
         return subclass_attention_backend_with_overrides(
-            f"{settings.name.capitalize()}{settings.budget}", cls, {"engine_settings": settings}
+            f"{settings.name.capitalize()}{settings.budget}",
+            cls,
+            {"engine_settings": settings, "prefix_caching": bool(prefix_caching)},
         )
 
     @classmethod
@@ -125,6 +129,7 @@ class TovaAttentionBackend(AttentionBackend):
             max_tp_shards=spec.max_tp_shards,
             kv_budget=settings.budget,
             kv_settings=settings.to_json(),
+            kv_prefix_caching=cls.prefix_caching,
         )
         # K, V and the 16-byte side channel per (slot, KV head): vLLM's page
         # and its memory accounting include the side channel.

@@ -11,6 +11,7 @@ per layer and not per row.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -32,7 +33,7 @@ logger = init_logger(f"vllm.{__name__}")
 # TOVA_VLLM_CUDA_FAST_PATH=0 turns the fused CUDA decode path off (every
 # policy then runs the portable PyTorch path).
 CUDA_FAST_PATH_ENV = "TOVA_VLLM_CUDA_FAST_PATH"
-_WAVE_FIELDS = 5  # rows, tokens, positions, held, budgets
+_WAVE_FIELDS = 6  # rows, tokens, positions, held, budgets, kept-region offsets
 
 
 def cuda_fast_path_enabled() -> bool:
@@ -57,8 +58,15 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         self.cache_dtype = kv_cache_spec.dtype
         self.model_dtype = vllm_config.model_config.dtype
         self.engine: KVSettings = kv_cache_spec.engine_settings
+        self.prefix_caching = kv_cache_spec.kv_prefix_caching
         self.device = device
-        self.cuda_fast_path = device.type == "cuda" and cuda_fast_path_enabled()
+        self.layout = WaveLayout(
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            model_dtype=self.model_dtype,
+            cache_dtype=self.cache_dtype,
+            cuda_fast_path=device.type == "cuda" and cuda_fast_path_enabled(),
+        )
         # Bound by the model-runner seam: the runner's input batch holds each
         # request's prompt length, which CommonAttentionMetadata lacks, and its
         # requests' sampling params (per-request settings).
@@ -119,15 +127,23 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             live = set(req_ids)
             self._requests = {k: v for k, v in self._requests.items() if k in live}
         num_prompt = self.runner.input_batch.num_prompt_tokens_cpu_tensor[:n].numpy().astype(np.int64)
+        modes = np.fromiter((planning.MODE_CODES[s.prompt_mode] for s in settings), np.int64, n)
+        regions = np.zeros(n, dtype=np.int64)
+        if self.prefix_caching:
+            for i, s in enumerate(settings):
+                regions[i] = planning.prompt_region_blocks(
+                    int(num_prompt[i]), self.block_size, int(modes[i]), s.policy.prefix_cacheable, True
+                )
         plan = planning.plan_step(
             query_start,
             num_computed,
             num_prompt,
             np.fromiter((s.budget for s in settings), np.int64, n),
-            np.fromiter((planning.MODE_CODES[s.prompt_mode] for s in settings), np.int64, n),
+            modes,
             np.fromiter((s.chunk for s in settings), np.int64, n),
             np.fromiter((self._group(s.policy) for s in settings), np.int64, n),
             self.block_size,
+            regions,
         )
         block_table = cm.block_table_tensor[:n]
         packed = self._to_device(plan.waves)
@@ -135,18 +151,16 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         for w in plan.waves:
             fields = packed[offset : offset + _WAVE_FIELDS * w.size].view(_WAVE_FIELDS, w.size)
             offset += _WAVE_FIELDS * w.size
-            waves.append(self._wave(w, fields, block_table))
-        segments = [self._segment(s, block_table) for s in plan.segments]
+            waves.append(build_wave(w, fields, block_table, self.layout, self._group_policies))
+        segments = [build_segment(s, block_table, self.block_size, self._group_policies) for s in plan.segments]
         return TovaMetadata(num_actual_tokens=cm.num_actual_tokens, segments=segments, waves=waves)
 
     def _to_device(self, waves: list[planning.Wave]) -> torch.Tensor:
         """Every wave's per-row integers in one host buffer, one copy."""
-        total = sum(_WAVE_FIELDS * w.size for w in waves)
+        host = pack_waves(waves)
+        total = host.size
         if total == 0:
             return torch.empty(0, dtype=torch.long, device=self.device)
-        host = np.concatenate(
-            [np.concatenate((w.rows, w.tokens, w.positions, w.held, w.budgets)) for w in waves]
-        )
         if self.device.type == "cpu":
             return torch.from_numpy(host)
         if self._pinned is None or self._pinned.numel() < total:
@@ -155,67 +169,103 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         buf.numpy()[:] = host
         return buf.to(self.device, non_blocking=True)
 
-    def _wave(self, w: planning.Wave, fields: torch.Tensor, block_table: torch.Tensor) -> DecodeWave:
-        rows, tokens, positions, held, budgets = fields
-        bs, nb = self.block_size, w.num_blocks
-        n = nb * bs
-        dev = fields.device
-        # Each row's blocks up to its own count, then the null block (so that
-        # a padding column never points into another request's blocks).
-        own = torch.div(torch.minimum(held + 1, budgets) + bs - 1, bs, rounding_mode="floor")
-        idx = torch.arange(nb, device=dev)
-        blocks = torch.where(idx < own[:, None], block_table[rows, :nb].long(), 0)
-        sink = torch.full((w.size, 1), SINK_SLOT, dtype=torch.long, device=dev)
-        col_ids = torch.cat((slot_ids(blocks, bs), sink), dim=1)
-        cols = torch.arange(n + 1, device=dev)
-        real = (cols < held[:, None]) | (cols == n)
-        empty = (cols == held[:, None]) & (held < budgets)[:, None]
-        attn_bias = torch.zeros(real.shape, dtype=self.model_dtype, device=dev).masked_fill_(~real, float("-inf"))
-        select_bias = (
-            torch.zeros(real.shape, dtype=torch.float32, device=dev)
-            .masked_fill_(~real, float("inf"))
-            .masked_fill_(empty, float("-inf"))
-        )
-        groups = []
-        for gid, a, b in w.groups:
-            groups.append(PolicyGroup(self._group_policies[gid], slice(a, b), a == 0 and b == w.size))
-        cuda = None
-        if self.cuda_fast_path and all(g.policy.cuda_fast_path for g in groups):
-            cuda = (
-                block_table[rows].to(torch.int32),
-                held.to(torch.int32),
-                budgets.to(torch.int32),
-                int(w.budgets.max()),
-            )
-        return DecodeWave(
-            size=w.size,
-            num_cols=n + 1,
-            tokens=slice(int(w.tokens[0]), int(w.tokens[0]) + w.size) if w.tokens_contiguous else tokens,
-            positions=positions,
-            budgets=budgets,
-            held=held,
-            blocks=blocks,
-            col_ids=col_ids,
-            attn_bias=attn_bias.unsqueeze(0).expand(self.num_kv_heads, -1, -1).reshape(-1, 1, n + 1),
-            select_bias=select_bias.unsqueeze(1),
-            valid=real.unsqueeze(1),
-            new_side=encode_side(positions, self.cache_dtype).unsqueeze(1),
-            groups=groups,
-            per_layer=all(not g.policy.per_kv_head for g in groups),
-            cuda=cuda,
-        )
 
-    def _segment(self, s: planning.Segment, block_table: torch.Tensor) -> PromptSegment:
-        dev = block_table.device
-        row = block_table[s.row]
-        ar = torch.arange(s.ctx + s.length, device=dev)
-        ids = row_slot_ids(row, ar, self.block_size)
-        return PromptSegment(
-            plan=s,
-            policy=self._group_policies[s.group],
-            positions=torch.arange(s.pos_start, s.pos_start + s.length, device=dev),
-            write_ids=ids[s.ctx :],
-            ctx_ids=ids[: s.ctx],
-            dest_ids=ids[: s.budget] if s.reduce else None,
-            table_row=block_table[s.row : s.row + 1].to(torch.int32) if dev.type == "cuda" else None,
-        )
+@dataclass(frozen=True)
+class WaveLayout:
+    """What the device tensors of a wave depend on besides the plan."""
+
+    block_size: int
+    num_kv_heads: int
+    model_dtype: torch.dtype
+    cache_dtype: torch.dtype
+    cuda_fast_path: bool = False
+
+
+def build_wave(
+    w: planning.Wave,
+    fields: torch.Tensor,
+    block_table: torch.Tensor,
+    layout: WaveLayout,
+    group_policies: list[EvictionPolicy],
+) -> DecodeWave:
+    """A wave's device tensors from its plan and its per-row integers
+    (``fields``: ``[6, R]`` rows, tokens, positions, held, budgets, kept-region
+    offsets, on the device); a few operations per wave, shared by every
+    layer."""
+    rows, tokens, positions, held, budgets, offsets = fields
+    bs, nb = layout.block_size, w.num_blocks
+    n = nb * bs
+    dev = fields.device
+    # Each row's kept blocks up to its own count, then the null block (so
+    # that a padding column never points into another request's blocks).
+    own = torch.div(torch.minimum(held + 1, budgets) + bs - 1, bs, rounding_mode="floor")
+    idx = torch.arange(nb, device=dev)
+    if w.offsets.any():
+        table = block_table[rows].gather(1, (offsets[:, None] + idx).clamp(max=block_table.shape[1] - 1))
+    else:
+        table = block_table[rows, :nb]
+    blocks = torch.where(idx < own[:, None], table.long(), 0)
+    sink = torch.full((w.size, 1), SINK_SLOT, dtype=torch.long, device=dev)
+    col_ids = torch.cat((slot_ids(blocks, bs), sink), dim=1)
+    cols = torch.arange(n + 1, device=dev)
+    real = (cols < held[:, None]) | (cols == n)
+    empty = (cols == held[:, None]) & (held < budgets)[:, None]
+    attn_bias = torch.zeros(real.shape, dtype=layout.model_dtype, device=dev).masked_fill_(~real, float("-inf"))
+    select_bias = (
+        torch.zeros(real.shape, dtype=torch.float32, device=dev)
+        .masked_fill_(~real, float("inf"))
+        .masked_fill_(empty, float("-inf"))
+    )
+    groups = [PolicyGroup(group_policies[gid], slice(a, b), a == 0 and b == w.size) for gid, a, b in w.groups]
+    cuda = None
+    if layout.cuda_fast_path and all(g.policy.cuda_fast_path for g in groups):
+        cuda = (blocks.to(torch.int32), held.to(torch.int32), budgets.to(torch.int32), int(w.budgets.max()))
+    return DecodeWave(
+        size=w.size,
+        num_cols=n + 1,
+        tokens=slice(int(w.tokens[0]), int(w.tokens[0]) + w.size) if w.tokens_contiguous else tokens,
+        positions=positions,
+        budgets=budgets,
+        held=held,
+        blocks=blocks,
+        col_ids=col_ids,
+        attn_bias=attn_bias.unsqueeze(0).expand(layout.num_kv_heads, -1, -1).reshape(-1, 1, n + 1),
+        select_bias=select_bias.unsqueeze(1),
+        valid=real.unsqueeze(1),
+        new_side=encode_side(positions, layout.cache_dtype).unsqueeze(1),
+        groups=groups,
+        per_layer=all(not g.policy.per_kv_head for g in groups),
+        cuda=cuda,
+    )
+
+
+def build_segment(
+    s: planning.Segment, block_table: torch.Tensor, block_size: int, group_policies: list[EvictionPolicy]
+) -> PromptSegment:
+    """A prompt segment's slots, from its request's block-table row."""
+    dev = block_table.device
+    row = block_table[s.row]
+    n = s.ctx + s.length
+    ids = row_slot_ids(row, torch.arange(n, device=dev), block_size)
+    dest = None
+    if s.reduce:
+        first = s.dest_block * block_size  # in place, or the kept region
+        dest = row_slot_ids(row, torch.arange(first, first + min(n, s.budget), device=dev), block_size)
+    return PromptSegment(
+        plan=s,
+        policy=group_policies[s.group],
+        positions=torch.arange(s.pos_start, s.pos_start + s.length, device=dev),
+        write_ids=ids[s.ctx :],
+        ctx_ids=ids[: s.ctx],
+        dest_ids=dest,
+        table_row=block_table[s.row : s.row + 1].to(torch.int32) if dev.type == "cuda" else None,
+    )
+
+
+def pack_waves(waves: list[planning.Wave]) -> np.ndarray:
+    """Every wave's per-row integers, one host buffer (see `build_wave`)."""
+    if not waves:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate(
+        [np.concatenate((w.rows, w.tokens, w.positions, w.held, w.budgets, w.offsets)) for w in waves]
+    )

@@ -133,9 +133,14 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         v = value.view(-1, self.num_kv_heads, self.head_size)
         out = output.view(-1, self.num_heads, self.head_size)
         # Prompt segments first: a recomputing request's later tokens need its
-        # prompt reduced.
+        # prompt reduced. Segments in shared prompt regions are all written
+        # before any row attends: a request may hit blocks another one writes
+        # in this very step (vLLM hashes blocks when it schedules them).
         for seg in m.segments:
-            prompt.forward_segment(self, seg, q, k, v, view, out)
+            if seg.plan.in_prompt_region:
+                prompt.write_segment(self, seg, k, v, view)
+        for seg in m.segments:
+            prompt.forward_segment(self, seg, q, k, v, view, out, written=seg.plan.in_prompt_region)
         for wave in m.waves:
             if wave.cuda is not None:
                 self._forward_wave_cuda(wave, q, k, v, view, out)

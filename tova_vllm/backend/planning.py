@@ -29,6 +29,15 @@ leaving need no bookkeeping.
   Rows of a wave gather whole blocks, so a wave is bucketed by block count
   (powers of two) and its rows are ordered by policy group (each group is
   then a contiguous slice).
+* **With prefix caching** (a ``bulk`` prompt whose policy is
+  ``prefix_cacheable``): the request's block-table row is ``[prompt region:
+  cdiv(P, block_size) blocks, slot = position, shared and hashed][kept region]``.
+  The prompt is written positionally in its region (blocks another request
+  computed may be hit there); at its end the kept tokens (all of them when
+  ``P <= k``) are copied into the kept region, and from then on only the kept
+  region is used (`prompt_region_blocks`: the kept region's first block). The
+  scheduler then replaces the prompt region with null blocks; hashed ones go
+  back to the pool still cached.
 """
 
 from __future__ import annotations
@@ -53,12 +62,23 @@ def chunked_held(t: int, budget: int, chunk: int) -> int:
     return min(boundary, budget) + (t - boundary)
 
 
+def prompt_region_blocks(prompt_len: int, block_size: int, mode: int, cacheable: bool, prefix_caching: bool) -> int:
+    """Blocks of a request's prompt region (0: no region, the kept tokens
+    stay in place): a bulk prompt whose policy is prefix-cacheable, on an
+    engine with prefix caching."""
+    if prefix_caching and cacheable and mode == BULK:
+        return cdiv(prompt_len, block_size)
+    return 0
+
+
 @dataclass(frozen=True)
 class Segment:
     """Prompt tokens ``[tok_start, tok_end)`` of the step (positions from
     ``pos_start``) of row ``row``: attend over the ``ctx`` slots held before
     and themselves, written to slots ``ctx ..``; then, if ``reduce``, keep
-    ``budget`` of the ``ctx + len`` slots."""
+    ``budget`` of the ``ctx + len`` slots, in slots ``0 ..`` of the block-table
+    row from block ``dest_block`` on (0: in place; the kept region of a
+    request with a prompt region)."""
 
     row: int
     tok_start: int
@@ -68,6 +88,14 @@ class Segment:
     reduce: bool
     budget: int
     group: int
+    dest_block: int = 0
+
+    @property
+    def in_prompt_region(self) -> bool:
+        """Written positionally in a shared prompt region: every such segment
+        of a step is written before any row attends (another request may
+        read these blocks in the same step)."""
+        return self.dest_block > 0
 
     @property
     def length(self) -> int:
@@ -77,13 +105,15 @@ class Segment:
 @dataclass
 class Wave:
     """One token of each of its rows; arrays ``[R]`` (int64), rows ordered by
-    policy group: ``groups`` = ``(group, start, end)`` slices of them."""
+    policy group: ``groups`` = ``(group, start, end)`` slices of them.
+    ``offsets``: the first block of each row's kept slots."""
 
     rows: np.ndarray
     tokens: np.ndarray
     positions: np.ndarray
     held: np.ndarray
     budgets: np.ndarray
+    offsets: np.ndarray
     num_blocks: int  # blocks gathered per row (the largest of the wave's rows)
     groups: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -112,18 +142,22 @@ def plan_step(
     chunk: np.ndarray,
     group: np.ndarray,
     block_size: int,
+    prompt_blocks: np.ndarray | None = None,
 ) -> StepPlan:
     """The step's segments and waves. Per row ``r`` (arrays of ``n`` ints,
     ``query_start`` ``n + 1``): the step computes tokens at positions
     ``num_computed[r] ..`` (``query_start[r+1] - query_start[r]`` of them) of
     a request with ``num_prompt[r]`` prompt tokens, budget ``budget[r]``,
-    prompt mode ``mode[r]`` (`MODE_CODES`), chunk ``chunk[r]`` and policy
-    group ``group[r]``."""
+    prompt mode ``mode[r]`` (`MODE_CODES`), chunk ``chunk[r]``, policy group
+    ``group[r]`` and ``prompt_blocks[r]`` blocks of prompt region
+    (`prompt_region_blocks`; default none)."""
     query_start = np.asarray(query_start, dtype=np.int64)
     num_computed = np.asarray(num_computed, dtype=np.int64)
     num_prompt = np.asarray(num_prompt, dtype=np.int64)
     budget = np.asarray(budget, dtype=np.int64)
     mode = np.asarray(mode, dtype=np.int64)
+    n = num_computed.shape[0]
+    prompt_blocks = np.zeros(n, dtype=np.int64) if prompt_blocks is None else np.asarray(prompt_blocks, np.int64)
     q_len = np.diff(query_start)
     end = num_computed + q_len
     # Where the prompt phase ends: a streamed prompt's first min(P, k) tokens
@@ -132,7 +166,9 @@ def plan_step(
     seq_start = np.maximum(num_computed, phase_end)  # first token after the prompt phase
     segments: list[Segment] = []
     for r in np.nonzero(num_computed < np.minimum(end, phase_end))[0].tolist():
-        segments.extend(_segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, mode, chunk, group))
+        segments.extend(
+            _segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, mode, chunk, group, prompt_blocks)
+        )
     counts = np.maximum(end - seq_start, 0)
     waves: list[Wave] = []
     for j in range(int(counts.max(initial=0))):
@@ -158,6 +194,7 @@ def plan_step(
                     positions=pos[order],
                     held=held[order],
                     budgets=k[order],
+                    offsets=prompt_blocks[rows[order]],
                     num_blocks=int(nb[order].max()),
                     groups=bounds,
                 )
@@ -165,7 +202,7 @@ def plan_step(
     return StepPlan(segments, waves)
 
 
-def _segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, mode, chunk, group):
+def _segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, mode, chunk, group, prompt_blocks):
     first, last = int(num_computed[r]), int(min(end[r], phase_end[r]))
     tok0 = int(query_start[r]) - first  # token index of position `first` is tok0 + first
     k, prompt = int(budget[r]), int(num_prompt[r])
@@ -180,17 +217,33 @@ def _segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, 
             out.append(Segment(r, tok0 + a, tok0 + b, a, ctx, at_boundary and ctx + (b - a) > k, k, int(group[r])))
             a = b
     else:
-        reduce = last == prompt and prompt > k and mode[r] == BULK
-        out.append(Segment(r, tok0 + first, tok0 + last, first, first, reduce, k, int(group[r])))
+        region = int(prompt_blocks[r])
+        # With a prompt region the kept tokens always move to the kept region.
+        reduce = last == prompt and mode[r] == BULK and (prompt > k or region > 0)
+        out.append(Segment(r, tok0 + first, tok0 + last, first, first, reduce, k, int(group[r]), region))
     return out
 
 
-def slots_needed(num_tokens: int, prompt_len: int, budget: int, mode: int, chunk: int, prompt_done: bool) -> int:
-    """Slots a request needs for its first ``num_tokens`` tokens (the
-    scheduler side's allocation; the worker never uses more): the prompt's
-    while a bulk prompt is being prefilled (also when a preempted request
-    recomputes prompt and output in one chunk), ``k + C`` while a chunked
-    prompt is, else the budget."""
+def slots_needed(
+    num_tokens: int,
+    prompt_len: int,
+    budget: int,
+    mode: int,
+    chunk: int,
+    prompt_done: bool,
+    prompt_blocks: int = 0,
+    block_size: int = 16,
+) -> int:
+    """Slots of its block-table row a request needs for its first
+    ``num_tokens`` tokens (the scheduler side's allocation; the worker never
+    uses more): the prompt's while a bulk prompt is being prefilled (also when
+    a preempted request recomputes prompt and output in one chunk), ``k + C``
+    while a chunked prompt is, else the budget; with a prompt region, the
+    region plus the kept slots from the prompt's last token on."""
+    if prompt_blocks:
+        if num_tokens < prompt_len:
+            return num_tokens
+        return prompt_blocks * block_size + min(num_tokens, budget)
     if prompt_done or mode == STREAM:
         return min(num_tokens, budget)
     if mode == CHUNKED:

@@ -30,13 +30,22 @@ from tova_vllm.policies import Candidates, selection
 TILE_BYTES = 32 << 20
 
 
-def forward_segment(layer, seg: PromptSegment, query, key, value, view: SlotView, output) -> None:
+def write_segment(layer, seg: PromptSegment, key, value, view: SlotView) -> None:
+    """The segment's K|V|side into its slots."""
+    s, e = seg.plan.tok_start, seg.plan.tok_end
+    cd, hkv = view.cache.dtype, layer.num_kv_heads
+    side = encode_side(seg.positions, cd).unsqueeze(1).expand(e - s, hkv, -1)
+    view.slots.index_copy_(0, seg.write_ids, torch.cat((key[s:e].to(cd), value[s:e].to(cd), side), dim=-1))
+
+
+def forward_segment(layer, seg: PromptSegment, query, key, value, view: SlotView, output, written=False) -> None:
+    """One segment (`written`: its K/V are in the cache already)."""
     p = seg.plan
     s, e = p.tok_start, p.tok_end
-    c, dim, hkv, cd = e - s, layer.head_size, layer.num_kv_heads, view.cache.dtype
+    dim, cd = layer.head_size, view.cache.dtype
     q, k, v = query[s:e], key[s:e], value[s:e]
-    side = encode_side(seg.positions, cd).unsqueeze(1).expand(c, hkv, -1)
-    view.slots.index_copy_(0, seg.write_ids, torch.cat((k.to(cd), v.to(cd), side), dim=-1))
+    if not written:
+        write_segment(layer, seg, key, value, view)
     ctx = view.slots.index_select(0, seg.ctx_ids) if p.ctx else None  # [ctx, Hkv, C]
     if seg.table_row is not None and layer.prefill_attention_impl(q.dtype, cd) == "flash_attn":
         out = _attend_paged(layer, q, view, seg)
@@ -130,7 +139,7 @@ def _score_and_reduce(layer, seg: PromptSegment, q, k, ctx, view: SlotView) -> N
     pri = selection.as_priority(policy.priority(view_c))
     if pri.dim() == 2:
         pri = pri.unsqueeze(1)
-    kept = selection.keep_top(pri[0], p.budget)  # [G, budget] ascending
+    kept = selection.keep_top(pri[0], p.budget)  # [G, min(n, budget)] ascending
     src = all_ids[kept]
     if kept.shape[0] == 1:  # one token set for every KV head: whole slots
         view.slots.index_copy_(0, seg.dest_ids, view.slots.index_select(0, src[0]))

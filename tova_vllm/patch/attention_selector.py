@@ -69,6 +69,7 @@ def apply() -> None:
                 f"{SUPPORTED_ATTENTION} with kv_cache_dtype one of "
                 f"{', '.join(TovaAttentionBackend.supported_kv_cache_dtypes)}"
             )
-        return TovaAttentionBackend.for_settings(settings)
+        caching = bool(cache_config is not None and cache_config.enable_prefix_caching)
+        return TovaAttentionBackend.for_settings(settings, caching)
 
     _seam.replace(attention_module, "get_attn_backend", original, get_attn_backend)

@@ -10,7 +10,13 @@ params, its state) and the per-type managers, which get request ids only:
   `tova_vllm.config.request_settings`), so its blocks follow its budget and
   prompt mode.
 * ``free`` and ``pop_blocks_for_free``: whether the request finished (counted
-  in the per-policy stats) or was preempted, and its computed tokens.
+  in the per-policy stats) or was preempted, and its committed tokens.
+* ``get_computed_blocks`` (the prefix-cache lookup): a request without a
+  prompt region (its policy is not prefix-cacheable, or its prompt is chunked
+  or streamed) skips the lookup (``skip_reading_prefix_cache``, so vLLM does
+  not count it either); a resumed request's hit stops before its prompt's
+  last block (blocks past a prompt may hold another request's full-attention
+  K/V, and the prompt's end must run again to reduce it).
 
 Upstream change that would retire it: the ``Request`` (or its sampling params)
 passed to ``SingleTypeKVCacheManager`` allocation and free (see patches/).
@@ -55,7 +61,7 @@ def _note_request(managers: list, request: Any) -> None:
         logger.error("tova-vllm: request %s: %s; using the engine's settings", request.request_id, e)
         settings = engine
     for manager in managers:
-        manager.note_request(request.request_id, settings)
+        manager.note_request(request.request_id, settings, request.num_prompt_tokens)
 
 
 def apply() -> None:
@@ -68,6 +74,24 @@ def apply() -> None:
     )
     free = _seam.expect_callable(KVCacheManager, "free", ["self", "request"], SEAM)
     pop = _seam.expect_callable(KVCacheManager, "pop_blocks_for_free", ["self", "request"], SEAM)
+    lookup = _seam.expect_callable(KVCacheManager, "get_computed_blocks", ["self", "request"], SEAM)
+    _seam.expect_callable(KVCacheManager, "truncate_computed_blocks", ["self", "blocks", "num_computed_tokens"], SEAM)
+
+    def get_computed_blocks(self, request):
+        managers = tova_managers(self)
+        if not managers:
+            return lookup(self, request)
+        if not managers[0].knows(request.request_id):
+            _note_request(managers, request)
+        if not managers[0].uses_prefix_cache(request.request_id):
+            request.skip_reading_prefix_cache = True
+            return lookup(self, request)
+        blocks, hit, boundary = lookup(self, request)
+        block_size = managers[0].block_size
+        limit = (request.num_prompt_tokens - 1) // block_size * block_size
+        if hit > limit:
+            blocks, hit = self.truncate_computed_blocks(blocks, limit), limit
+        return blocks, hit, boundary
 
     def allocate_slots(self, request, *args, **kwargs):
         managers = tova_managers(self)
@@ -92,3 +116,4 @@ def apply() -> None:
     _seam.replace(KVCacheManager, "allocate_slots", allocate, allocate_slots)
     _seam.replace(KVCacheManager, "free", free, free_)
     _seam.replace(KVCacheManager, "pop_blocks_for_free", pop, pop_blocks_for_free)
+    _seam.replace(KVCacheManager, "get_computed_blocks", lookup, get_computed_blocks)
