@@ -35,6 +35,10 @@ from typing import Any
 
 READY_TIMEOUT_S = 1800
 COMMAND_TIMEOUT_S = 3 * 3600
+# An engine whose steps return no output for this long, with requests
+# unfinished, is reported as stalled (a scheduler that can never admit a
+# request would otherwise spin for ever).
+STALL_TIMEOUT_S = float(os.environ.get("TOVA_BENCH_STALL_S", "600"))
 
 
 def engine_env(kv_cache_space_gib: int = 1) -> None:
@@ -115,6 +119,33 @@ def _peak_blocks(llm, request_id: str) -> int | None:
     return None
 
 
+def _scheduler_state(llm) -> str:
+    try:
+        sched = llm.llm_engine.engine_core.engine_core.scheduler
+        pool = sched.kv_cache_manager.block_pool
+        waiting = [(r.request_id, r.num_prompt_tokens, r.num_computed_tokens) for r in sched.waiting]
+        running = [(r.request_id, r.num_prompt_tokens, r.num_computed_tokens) for r in sched.running]
+        return (f"scheduler: {len(running)} running {running[:4]}, {len(waiting)} waiting {waiting[:4]} "
+                f"(request id, prompt tokens, computed tokens); free KV blocks "
+                f"{pool.get_num_free_blocks()} of {pool.num_gpu_blocks}")
+    except Exception as e:  # noqa: BLE001 - best effort, for the error message
+        return f"scheduler state unavailable ({e!r})"
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A daemon thread: ends this process when the driver is gone (killed,
+    say, by a test's timeout), so no engine is left running."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _drive(llm, requests: list[dict[str, Any]], tag: str) -> tuple[dict[str, dict], float, float]:
     """Submits ``requests`` at once and steps the engine until all are done."""
     from vllm import SamplingParams
@@ -131,9 +162,15 @@ def _drive(llm, requests: list[dict[str, Any]], tag: str) -> tuple[dict[str, dic
         state[rid] = {"id": r["id"], "prompt_tokens": len(r["prompt_token_ids"]), "submitted": time.perf_counter(),
                       "first": None, "done": None, "output_tokens": 0, "num_cached_tokens": None}
         engine.add_request(rid, {"prompt_token_ids": r["prompt_token_ids"]}, params)
+    last_progress = time.perf_counter()
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter()
+        if outputs:
+            last_progress = now
+        elif now - last_progress > STALL_TIMEOUT_S:
+            raise RuntimeError(f"engine stalled: no output for {STALL_TIMEOUT_S:.0f} s with requests "
+                               f"unfinished; {_scheduler_state(llm)}")
         for out in outputs:
             s = state.get(out.request_id)
             if s is None:  # an engine id carrying a suffix
@@ -193,7 +230,9 @@ def _generate(llm, requests: list[dict[str, Any]], concurrent: bool = False,
     return result
 
 
-def _child_main(conn, label: str, engine_kwargs: dict[str, Any]) -> None:
+def _child_main(conn, label: str, engine_kwargs: dict[str, Any], parent: int | None = None) -> None:
+    if parent is not None:
+        _exit_with_parent(parent)
     try:
         t = time.perf_counter()
         from vllm import LLM
@@ -231,7 +270,8 @@ class EngineProcess:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         print(f"[engine {label}] starting", flush=True)
-        self.proc = ctx.Process(target=_child_main, args=(child, label, engine_kwargs), name=f"engine-{label}")
+        self.proc = ctx.Process(target=_child_main, args=(child, label, engine_kwargs, os.getpid()),
+                                name=f"engine-{label}")
         self.proc.start()
         child.close()
         if wait:

@@ -13,11 +13,15 @@ cache and every activation). All engines get the same settings:
 prefilled in 4 scheduler steps), ``max_model_len`` just above the largest
 prompt (the prompt plus its one output token, rounded up to 32), the same KV
 memory in tokens (``num_gpu_blocks_override``: one sequence of
-``max_model_len`` tokens; blocks of 32 for stock, the smallest vLLM's CPU
-attention takes, and 16 for TOVA), float32, ``enforce_eager``. The configurations:
+``max_model_len`` tokens plus the budget, as TOVA with prefix caching holds a
+bulk prompt's region and its kept slots at the prompt's end; blocks of 32 for
+stock, the smallest vLLM's CPU attention takes, and 16 for TOVA), float32,
+``enforce_eager``, and vLLM's default prefix caching (on; what each engine
+actually ran with is in the JSON and the table; ``--no-prefix-caching`` turns it
+off everywhere). Every prompt is unique, so the cache never hits. The
+configurations:
 
-- ``stock``: stock vLLM (prefix caching at its default, on; every prompt is
-  unique so it never hits);
+- ``stock``: stock vLLM;
 - ``bulk``: ``kv_policy="tova", kv_budget=B`` (``kv_prompt_mode="bulk"``: full
   causal attention over the prompt, then the policy keeps B tokens);
 - ``chunked``: the same with ``kv_prompt_mode="chunked"``,
@@ -89,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--block-size", type=int, default=16, help="TOVA's KV block size")
     ap.add_argument("--stock-block-size", type=int, default=32,
                     help="stock's KV block size (vLLM's CPU attention takes multiples of 32)")
+    ap.add_argument("--no-prefix-caching", action="store_true",
+                    help="enable_prefix_caching=False in every engine (default: vLLM's default, on)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the warm-up request per size")
     ap.add_argument("--pause", type=float, default=0.5, help="seconds between two requests (lets the "
                     "previous process's OpenMP threads go idle)")
@@ -117,12 +123,15 @@ def settings(args) -> dict[str, Any]:
 
     max_model_len = _round_up(max(args.sizes) + 1, 32)
     unit = math.lcm(args.block_size, args.stock_block_size)
-    kv_tokens = _round_up(max_model_len, unit)
+    # A bulk prompt with prefix caching holds its prompt region plus the kept
+    # slots at its last token; the same pool (in tokens) for every engine.
+    kv_tokens = _round_up(max_model_len + args.budget, unit)
     return {"sizes": list(args.sizes), "budget": args.budget, "chunk": args.chunk, "rounds": args.rounds,
             "configs": list(args.configs), "max_num_batched_tokens": args.max_num_batched_tokens,
             "max_model_len": max_model_len, "kv_tokens": kv_tokens, "block_size": args.block_size,
             "stock_block_size": args.stock_block_size, "dtype": args.dtype, "warmup": not args.no_warmup,
             "pause_s": args.pause, "seed": args.seed, "max_tokens": 1,
+            "prefix_caching": "off" if args.no_prefix_caching else "vLLM default",
             "prompts": "random token ids in [100, 10000), a first token unique per request (no shared prefix)"}
 
 
@@ -134,6 +143,8 @@ def engine_kwargs(config: str, s: dict[str, Any], model: str) -> dict[str, Any]:
         max_num_batched_tokens=s["max_num_batched_tokens"], max_num_seqs=4,
         enable_chunked_prefill=True, enforce_eager=True, seed=0,
     )
+    if s["prefix_caching"] == "off":
+        kw["enable_prefix_caching"] = False
     if config != "stock":
         kw.update(kv_policy="tova", kv_budget=s["budget"], kv_prompt_mode=config)
         if config == "chunked":
@@ -224,7 +235,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Long prompts: one request, max_tokens=1, {s['rounds']} round(s) (medians), "
         f"max_num_batched_tokens {s['max_num_batched_tokens']}, max_model_len {s['max_model_len']}, "
-        f"{s['dtype']}, model {result['model_name']}.",
+        f"{s['dtype']}, model {result['model_name']}; prefix caching as the engines ran: "
+        + ", ".join(f"{c} {'on' if e.get('enable_prefix_caching') else 'off'}"
+                    for c, e in result.get("engines", {}).items()) + ".",
         "",
         "| config | prompt | TTFT s | x stock | extra peak MiB | x stock | peak KV blocks |",
         "|---|---:|---:|---:|---:|---:|---:|",

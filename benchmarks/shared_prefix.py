@@ -11,9 +11,9 @@ engine once, in-process; one run of this command measures all three:
 
 - ``stock``: stock vLLM, prefix caching at its default (on);
 - ``tova_cache``: ``kv_policy="tova", kv_budget=B`` with
-  ``enable_prefix_caching=True`` passed explicitly. Today the plugin switches
-  prefix caching off with a policy (with a warning); the report says whether
-  it was actually on, from the engine's
+  ``enable_prefix_caching=True`` passed explicitly. Plugin versions without
+  prefix caching switch it off with a policy (with a warning); the report
+  says whether it was actually on, from the engine's
   ``vllm_config.cache_config.enable_prefix_caching`` after start (and the
   in-process scheduler's own flag), and the prefix-cache hits from
   ``RequestOutput.num_cached_tokens``;
@@ -21,7 +21,8 @@ engine once, in-process; one run of this command measures all three:
 
 Every engine: the same KV memory in tokens (``num_gpu_blocks_override``;
 by default room for all N requests at once in every configuration:
-N budget-capped sequences plus two whole sequences in prefill), blocks of 32
+N budget-capped sequences plus two whole sequences in prefill, each with its
+kept slots), blocks of 32
 for stock (vLLM's CPU attention takes multiples of 32) and 16 for TOVA,
 ``max_num_seqs`` = N, the same ``max_num_batched_tokens`` (2,048),
 ``max_model_len`` = the whole sequence rounded up to 32, float32,
@@ -116,7 +117,9 @@ def settings(args) -> dict[str, Any]:
     max_model_len = _round_up(seq, 32)
     unit = math.lcm(args.block_size, args.stock_block_size)
     n = args.num_requests
-    need_tova = n * _round_up(min(args.budget, seq), unit) + 2 * _round_up(seq, unit)
+    # N budget-capped requests, and two in prefill, each holding its prompt
+    # (region) plus its kept slots at the prompt's end.
+    need_tova = n * _round_up(min(args.budget, seq), unit) + 2 * (_round_up(seq, unit) + _round_up(args.budget, unit))
     need_stock = _round_up(args.prefix_len, unit) + (n + 2) * _round_up(seq - args.prefix_len + unit, unit)
     kv_tokens = _round_up(args.kv_tokens or max(need_tova, need_stock), unit)
     return {"num_requests": n, "prefix_len": args.prefix_len, "suffix_len": args.suffix_len,

@@ -55,6 +55,8 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         self._tp_size: int | None = None
         self._view: SlotView | None = None
         self._attention_impl: dict[tuple, str] = {}
+        self._workspace = _engine_limits()
+        self._profiled = False
 
     # -- what the compute paths ask of their layer ----------------------------
 
@@ -124,7 +126,12 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
             raise NotImplementedError("TOVA backend: fused output quantization")
         if attn_metadata is None:
             # Profile and dummy runs: a defined output (as vLLM's FlashAttention
-            # backend does), so nothing downstream (MoE routing) sees garbage.
+            # backend does), so nothing downstream (MoE routing) sees garbage;
+            # and, once, the backend's worst-case workspace, so that vLLM's
+            # profiled peak (what it sizes the KV pool from) includes it.
+            if not self._profiled and output.is_cuda and self._workspace is not None:
+                self._profiled = True
+                torch.empty(self._worst_case_bytes(query.dtype, kv_cache.dtype), dtype=torch.uint8, device=output.device)
             return output.zero_()
         view = self._slot_view(kv_cache)
         m = attn_metadata
@@ -148,6 +155,12 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
                 decode.forward_wave(self, wave, q, k, v, view, out)
         return output
 
+    def _worst_case_bytes(self, model_dtype: torch.dtype, cache_dtype: torch.dtype) -> int:
+        from tova_vllm.backend import workspace
+
+        shapes = workspace.Shapes(self.num_heads, self.num_kv_heads, self.head_size, cache_dtype, model_dtype)
+        return workspace.worst_case_bytes(shapes, **self._workspace)
+
     def _forward_wave_cuda(self, wave, q, k, v, view, out) -> None:
         from tova_vllm.backend.cuda_decode import forward_wave_cuda
 
@@ -156,3 +169,23 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
             logger.info("tova-vllm: CUDA fast path for TOVA decode rows (fused Triton scoring)")
             _logged_cuda = True
         forward_wave_cuda(self, wave, q, k, v, view, out)
+
+
+def _engine_limits() -> dict | None:
+    """The limits that bound the backend's workspace (`tova_vllm.backend.
+    workspace`), from the config of the model being built."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    from tova_vllm.config import engine_settings_of
+
+    config = get_current_vllm_config_or_none()
+    settings = engine_settings_of(config) if config is not None else None
+    if settings is None:
+        return None
+    return dict(
+        max_num_seqs=config.scheduler_config.max_num_seqs,
+        budget=settings.budget,
+        block_size=config.cache_config.block_size,
+        max_model_len=config.model_config.max_model_len,
+        max_num_batched_tokens=config.scheduler_config.max_num_batched_tokens,
+    )

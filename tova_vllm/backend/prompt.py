@@ -42,19 +42,18 @@ def forward_segment(layer, seg: PromptSegment, query, key, value, view: SlotView
     """One segment (`written`: its K/V are in the cache already)."""
     p = seg.plan
     s, e = p.tok_start, p.tok_end
-    dim, cd = layer.head_size, view.cache.dtype
+    cd = view.cache.dtype
     q, k, v = query[s:e], key[s:e], value[s:e]
     if not written:
         write_segment(layer, seg, key, value, view)
-    ctx = view.slots.index_select(0, seg.ctx_ids) if p.ctx else None  # [ctx, Hkv, C]
-    if seg.table_row is not None and layer.prefill_attention_impl(q.dtype, cd) == "flash_attn":
-        out = _attend_paged(layer, q, view, seg)
-    else:
-        out = _attend_portable(layer, q, k, v, ctx)
+    scoring = p.reduce or seg.policy.accumulates
+    paged = seg.table_row is not None and layer.prefill_attention_impl(q.dtype, cd) == "flash_attn"
+    # The held slots: for the portable attention, and for scoring.
+    ctx = view.slots.index_select(0, seg.ctx_ids) if p.ctx and (scoring or not paged) else None  # [ctx, Hkv, C]
+    out = _attend_paged(layer, q, view, seg) if paged else _attend_portable(layer, q, k, v, ctx)
     output[s:e].copy_(out)
-    if not (p.reduce or seg.policy.accumulates):
-        return
-    _score_and_reduce(layer, seg, q, k, ctx, view)
+    if scoring:
+        _score_and_reduce(layer, seg, q, k, ctx, view)
 
 
 def _attend_paged(layer, q, view: SlotView, seg: PromptSegment) -> torch.Tensor:
