@@ -442,14 +442,33 @@ def test_budget_warning_boundary(model_path, budget, warns):
     ]
 
 
-def test_policy_turns_prefix_caching_off_with_one_warning(model_path):
+def test_prefix_caching_stays_on_with_one_line_saying_for_which_policies(model_path):
     with tova_log() as log:
         config = EngineArgs(model=model_path, kv_policy="tova", kv_budget=64, max_model_len=1024).create_engine_config()
-    assert config.cache_config.enable_prefix_caching is False
+    assert config.cache_config.enable_prefix_caching is True  # vLLM's default, kept
     assert config.additional_config == {"kv_policy": "tova", "kv_budget": 64}
-    warnings = [m for m in log.messages(logging.WARNING) if "prefix caching" in m]
-    assert len(warnings) == 1, log.messages()
-    assert "kv_policy='tova'" in warnings[0]
+    lines = [m for m in log.messages() if "prefix caching" in m]
+    assert lines == [
+        "tova-vllm: prefix caching is on for bulk prompts of kv_policy tova, window, sink, keydiff (the kept "
+        "tokens of a cached prefix are those of a cold prompt); requests with kv_policy h2o, or with chunked or "
+        "streamed prompts, neither read nor write it (--no-enable-prefix-caching turns it off)."
+    ], log.messages()
+    with tova_log() as log:
+        off = EngineArgs(
+            model=model_path, kv_policy="tova", kv_budget=64, max_model_len=1024, enable_prefix_caching=False
+        ).create_engine_config()
+    assert off.cache_config.enable_prefix_caching is False
+    assert not [m for m in log.messages() if "prefix caching" in m]
+
+
+def test_kv_connectors_are_refused(model_path, nothing_started):
+    from vllm.config import KVTransferConfig
+
+    with pytest.raises(PolicyConfigError, match="KV connectors"):
+        EngineArgs(
+            model=model_path, kv_policy="tova", kv_budget=64, max_model_len=1024,
+            kv_transfer_config=KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both"),
+        ).create_engine_config()  # fmt: skip
 
 
 def test_no_policy_keeps_prefix_caching_and_logs_nothing(model_path):

@@ -124,6 +124,16 @@ def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, 
         got = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
         assert _num_preemptions(small) > 0, "the small pool did not force a preemption"
         assert _idle(small)["num_free_blocks"] == free0
+        # A request that could never fit is refused (it would wait for ever),
+        # naming the way out; the same prompt in chunks is served.
+        from vllm.exceptions import VLLMValidationError
+
+        longest = _ids(tok, chat_prompts[-1:])  # 214 tokens: 14 blocks + its kept region
+        with pytest.raises(VLLMValidationError, match="kv_prompt_mode='chunked'") as info:
+            small.generate(longest, SamplingParams(max_tokens=4), use_tqdm=False)
+        assert info.value.parameter == "prompt"
+        chunked = SamplingParams(max_tokens=4, extra_args={"kv_prompt_mode": "chunked", "kv_prompt_chunk": 16})
+        assert len(small.generate(longest, chunked, use_tqdm=False)[0].outputs[0].token_ids) == 4
     assert got == expected
 
 

@@ -96,35 +96,26 @@ def chunked_prefill_engine(model_path):
         mp.undo()
 
 
-@pytest.mark.parametrize(
-    "engine_kwargs",
-    [{"max_num_batched_tokens": 64}, {}],
-    ids=["chunked-prefill-64", "one-scheduler-chunk"],
-)
-def test_greedy_tokens_match_the_reference(
-    engine_kwargs, model_path, hf_model, prompt_ids, reference_tokens, chunked_prefill_engine
-):
+def test_greedy_tokens_match_the_reference(hf_model, prompt_ids, reference_tokens, chunked_prefill_engine):
+    """Every setting of the matrix in one batch, prompts prefilled in 64-token
+    steps beside other requests' decode steps."""
+    _run_matrix(chunked_prefill_engine, MATRIX, hf_model, prompt_ids, reference_tokens)
+
+
+def _run_matrix(llm, matrix, hf_model, prompt_ids, reference_tokens):
     lengths = [len(p) for p in prompt_ids]
     assert any(n > 80 for n in lengths) and any(n + MAX_TOKENS > 40 >= n for n in lengths)
     engine = engine_settings(ENGINE)
-    matrix = MATRIX if engine_kwargs else MATRIX[:2]
     settings_list = [request_settings(engine, extra) for extra in matrix]
     prompts, params = [], []
     for extra in matrix:
         for p in prompt_ids:
             prompts.append({"prompt_token_ids": p})
             params.append(SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, extra_args=extra or None))
-    if engine_kwargs:
-        llm = chunked_prefill_engine
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        got = [list(o.outputs[0].token_ids) for o in outs]
-        _check(llm, hf_model, prompt_ids, got, settings_list, reference_tokens)
-    else:
-        with vllm_engine(model_path, **ENGINE) as llm:
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            got = [list(o.outputs[0].token_ids) for o in outs]
-            _check(llm, hf_model, prompt_ids, got, settings_list, reference_tokens)
-    # The policies really differ (else matching would prove little).
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    _check(llm, hf_model, prompt_ids, got, settings_list, reference_tokens)
+    # The settings really differ (else matching would prove little).
     longest = [tuple(got[i * len(prompt_ids) + len(prompt_ids) - 1]) for i in range(len(matrix))]
     assert len(set(longest)) > len(matrix) // 2, "most settings must give different tokens on the longest prompt"
     assert first_divergence(longest[0], longest[1]) is not None
@@ -157,3 +148,11 @@ def test_kept_positions_equal_the_reference_at_every_step(extra, chunked_prefill
     fake[5] += 1
     message = diagnose(chunked_prefill_engine, hf_model, prompt, settings, tokens, fake)
     assert message.startswith("first divergent token at index 5") and "every layer kept the same positions" in message
+
+
+def test_one_scheduler_chunk_matches_the_reference(model_path, hf_model, prompt_ids, reference_tokens):
+    """Prompts in one scheduler step each, in vLLM's default multiprocess
+    engine. Last in this module: tearing a multiprocess engine down resets
+    this process's distributed state, which the in-process engine uses."""
+    with vllm_engine(model_path, **ENGINE) as llm:
+        _run_matrix(llm, MATRIX[:2], hf_model, prompt_ids, reference_tokens)

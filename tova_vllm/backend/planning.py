@@ -249,3 +249,28 @@ def slots_needed(
     if mode == CHUNKED:
         return min(num_tokens, budget + chunk)
     return min(num_tokens, max(prompt_len, budget))
+
+
+def peak_blocks(
+    prompt_len: int,
+    max_tokens: int,
+    budget: int,
+    mode: int,
+    chunk: int,
+    prompt_blocks: int,
+    block_size: int,
+) -> int:
+    """The most blocks a request ever holds at once (`slots_needed` over its
+    life): a bulk prompt's tokens (with a prompt region, the region and the
+    kept slots at the prompt's end), ``k + C`` for a chunked prompt, then at
+    most the budget."""
+    computed = prompt_len + max(max_tokens, 1) - 1  # the last token's K/V is never computed
+    if prompt_blocks:
+        prompt_peak = prompt_blocks + cdiv(min(prompt_len, budget), block_size)
+    elif mode == BULK:
+        prompt_peak = cdiv(prompt_len, block_size)
+    elif mode == CHUNKED:
+        prompt_peak = cdiv(min(prompt_len, budget + chunk), block_size)
+    else:
+        prompt_peak = cdiv(min(prompt_len, budget), block_size)
+    return max(prompt_peak, cdiv(min(computed, budget), block_size))

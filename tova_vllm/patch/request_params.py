@@ -13,6 +13,11 @@ vLLM's extension point for this, a logits processor's ``validate_params``,
 was not used: entry-point logits processors load into every engine, stock
 ones included, and join their sampling step.
 
+It also wraps ``InputProcessor.process_inputs``, where the prompt's length
+is known: a request whose blocks could never fit the KV cache at once (a
+bulk prompt holds all its tokens while it is prefilled) is refused, naming
+``kv_prompt_mode='chunked'`` as the way out, instead of waiting for ever.
+
 Upstream change that would retire it: a plugin hook for request validation
 (see patches/).
 """
@@ -51,6 +56,42 @@ def validate_request(processor, params) -> None:
             raise VLLMValidationError(f"vllm_xargs.kv_policy: {reason}", parameter="vllm_xargs.kv_policy")
 
 
+def check_fits(processor, request) -> None:
+    """Refuse a request that could never be scheduled: its peak blocks
+    (`planning.peak_blocks`) exceed the KV cache's (known once the engine has
+    started)."""
+    from vllm.exceptions import VLLMValidationError
+
+    from tova_vllm.backend import planning
+    from tova_vllm.config import request_settings
+
+    params = getattr(request, "sampling_params", None)
+    engine = getattr(processor, "_tova_engine_settings", None)
+    cache = processor.vllm_config.cache_config
+    if params is None or engine is None or not cache.num_gpu_blocks:
+        return
+    dp = max(processor.vllm_config.parallel_config.data_parallel_size, 1)
+    usable = cache.num_gpu_blocks // dp - 1  # vLLM's null block is never handed out
+    settings = request_settings(engine, params.extra_args)
+    prompt_len = len(request.prompt_token_ids or ()) or int(getattr(request, "num_prompt_tokens", 0) or 0)
+    mode = planning.MODE_CODES[settings.prompt_mode]
+    region = planning.prompt_region_blocks(
+        prompt_len, cache.block_size, mode, settings.policy.prefix_cacheable, bool(cache.enable_prefix_caching)
+    )
+    need = planning.peak_blocks(
+        prompt_len, params.max_tokens or 1, settings.budget, mode, settings.chunk, region, cache.block_size
+    )
+    if need > usable:
+        raise VLLMValidationError(
+            f"the request needs {need} KV blocks of {cache.block_size} tokens at once (a "
+            f"{prompt_len}-token prompt, kv_prompt_mode={settings.prompt_mode!r}"
+            f"{', with its prefix-cache region' if region else ''}) but the KV cache holds {usable}; "
+            f"use vllm_xargs.kv_prompt_mode='chunked' (at most kv_budget + kv_prompt_chunk slots "
+            "while the prompt is processed), a shorter prompt, or a larger KV cache",
+            parameter="prompt",
+        )
+
+
 def apply() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
@@ -59,10 +100,17 @@ def apply() -> None:
     original = _seam.expect_callable(
         InputProcessor, "_validate_params", ["self", "params", "supported_tasks"], SEAM
     )
+    process = _seam.expect_callable(InputProcessor, "process_inputs", ["self", "request_id", "prompt", "params"], SEAM)
 
     def _validate_params(self, params, supported_tasks, *args, **kwargs):
         result = original(self, params, supported_tasks, *args, **kwargs)
         validate_request(self, params)
         return result
 
+    def process_inputs(self, *args, **kwargs):
+        request = process(self, *args, **kwargs)
+        check_fits(self, request)
+        return request
+
     _seam.replace(InputProcessor, "_validate_params", original, _validate_params)
+    _seam.replace(InputProcessor, "process_inputs", process, process_inputs)
