@@ -217,6 +217,7 @@ def build_wave(
         .masked_fill_(empty, float("-inf"))
     )
     groups = [PolicyGroup(group_policies[gid], slice(a, b), a == 0 and b == w.size) for gid, a, b in w.groups]
+    filling = not (w.held >= w.budgets).any() and not any(g.policy.accumulates for g in groups)
     cuda = None
     if layout.cuda_fast_path and all(g.policy.cuda_fast_path for g in groups):
         cuda = (blocks.to(torch.int32), held.to(torch.int32), budgets.to(torch.int32), int(w.budgets.max()))
@@ -235,6 +236,7 @@ def build_wave(
         new_side=encode_side(positions, layout.cache_dtype).unsqueeze(1),
         groups=groups,
         per_layer=all(not g.policy.per_kv_head for g in groups),
+        fill_ids=col_ids.gather(1, held[:, None]).squeeze(1) if filling else None,
         cuda=cuda,
     )
 

@@ -14,7 +14,8 @@ torch profiler in tests/test_decode_ops.py): gather the rows' blocks,
 concatenate K|V|side of the new tokens and append them, batched ``q.K`` with
 the masks added, softmax, batched ``p.V``, the output write, the head mean,
 the selection masks added, argmin, the destination slot, one slot write (plus
-the query and output reshapes).
+the query and output reshapes). A wave where no row is full yet (and no policy
+accumulates) skips the selection: four operations fewer.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def forward_wave(layer, w: DecodeWave, query, key, value, view: SlotView, output
         output[w.tokens].view(rows, hkv, group, dim).copy_(attn)
     else:
         output.index_copy_(0, w.tokens, attn.reshape(rows, hkv * group, dim).to(output.dtype))
+    if w.fill_ids is not None:  # nothing evicts: each new token to its row's free slot
+        view.slots.index_copy_(0, w.fill_ids, new)
+        return
     probs = probs.view(hkv, rows, group, n1)
     victim = _select(layer, w, probs, kv, gathered, new, view)
     dst = w.col_ids.gather(1, victim)  # [R, 1] or [R, Hkv] flat slots

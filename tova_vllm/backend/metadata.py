@@ -52,6 +52,9 @@ class DecodeWave:
     new_side: torch.Tensor  # [R, 1, SIDE] side channel of the new tokens (cache dtype)
     groups: list[PolicyGroup]
     per_layer: bool  # every group keeps one token set per layer (slot-wide writes)
+    # No row is full and no policy accumulates: nothing to select, every new
+    # token goes to its row's free slot (these, [R]).
+    fill_ids: torch.Tensor | None
     # The CUDA fast path (every row's policy has cuda_fast_path), else None:
     # (block-table rows int32 [R, W], held int32 [R], budgets int32 [R], max budget)
     cuda: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
