@@ -256,23 +256,21 @@ def test_kept_positions_of_a_warm_prompt_equal_a_cold_one_and_no_kept_block_is_h
 
 
 def test_preempted_requests_with_cached_prefixes_give_the_same_tokens(model_path, prompts, tok, cold):
-    """A pool too small for every request's blocks forces preemption (prompts
-    sharing a prefix, longer than their budgets, their prompt regions growing
-    16 tokens per step, vLLM's whole-prompt admission check off); resumed
-    requests look the cache up again (capped before their prompt's last
-    block) and give the tokens of the cold engine."""
+    """A pool too small for every request's blocks forces preemption (short
+    prompts sharing a prefix: kept regions grow while decoding, past the
+    budget); resumed requests look the cache up again (capped before their
+    prompt's last block) and give the tokens of the cold engine."""
     short = [
         prompts["a"][:20] + tok(f" Question {i}: what happened in 18{20 + 7 * i}?", add_special_tokens=False).input_ids
         for i in range(8)
     ]
-    params = [_params({"kv_budget": 16 if i % 2 else 24}, 48) for i in range(len(short))]
+    params = [_params({} if i % 2 else {"kv_budget": 64}, 48) for i in range(len(short))]
     # The cold engine first: a multiprocess engine's teardown resets this
     # process's distributed state, which in-process engines use.
     want = cold.generate([{"prompt_token_ids": p} for p in short], params, use_tqdm=False)
     with vllm_engine(
-        model_path, **ENGINE, max_num_batched_tokens=16, max_num_seqs=8, scheduler_reserve_full_isl=False,
-        num_gpu_blocks_override=14, disable_log_stats=False,
-    ) as small:  # fmt: skip
+        model_path, **ENGINE, max_num_batched_tokens=64, num_gpu_blocks_override=22, disable_log_stats=False
+    ) as small:
         small.generate([{"prompt_token_ids": short[0]}], _params({}, 2), use_tqdm=False)
         outs = small.generate([{"prompt_token_ids": p} for p in short], params, use_tqdm=False)
         preemptions = next(m.value for m in small.get_metrics() if m.name == "vllm:num_preemptions")

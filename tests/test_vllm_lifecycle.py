@@ -101,29 +101,25 @@ def _num_preemptions(llm) -> float:
 
 
 def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, chat_prompts, llm):
-    """A pool too small for every request's prompt forces preemption
-    (recompute). A request reserves all it will keep (at most its budget)
-    when it is admitted, so only a prompt longer than its budget grows once
-    running: here bulk prompts longer than their budgets, prefilled 16 tokens
-    per step, with vLLM's check that a whole prompt fits at admission turned
-    off (scheduler_reserve_full_isl=False)."""
+    """A pool too small for every request's cap forces preemption (recompute)."""
     tok = llm.get_tokenizer()
-    # Six prompts of 33 to 83 tokens, budgets below them; every policy (per
-    # request) and the chunked prompt mode, so every policy's recompute is
-    # checked.
+    # Six prompts of 33 to 83 tokens, growing past the budget; every
+    # policy (per request) and the chunked prompt mode, so every policy's
+    # recompute is checked.
     prompts = _ids(tok, chat_prompts[:6])
     params = [
-        SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True, extra_args={"kv_budget": 24, **extra})
-        for extra in ({}, {"kv_policy": "h2o"}, {"kv_policy": "window"}, {"kv_policy": "sink"},
-                      {"kv_policy": "keydiff", "kv_budget": 30},
-                      {"kv_budget": 20, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 16})
-    ]  # fmt: skip
+        SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True, extra_args=extra)
+        for extra in (None, {"kv_policy": "h2o"}, {"kv_policy": "window"}, {"kv_policy": "sink"},
+                      {"kv_policy": "keydiff", "kv_budget": 60},
+                      {"kv_budget": 40, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 16})
+    ]
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    # A few requests fit at admission, then they grow towards their cap and
+    # the scheduler must preempt.
     num_blocks = 12
     with vllm_engine(
-        model_path, kv_policy="tova", kv_budget=BUDGET, num_gpu_blocks_override=num_blocks,
-        max_num_batched_tokens=16, max_num_seqs=8, scheduler_reserve_full_isl=False, disable_log_stats=False,
-    ) as small:  # fmt: skip
+        model_path, kv_policy="tova", kv_budget=BUDGET, num_gpu_blocks_override=num_blocks, disable_log_stats=False
+    ) as small:
         free0 = _idle(small)["num_free_blocks"]
         got = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
         assert _num_preemptions(small) > 0, "the small pool did not force a preemption"

@@ -135,8 +135,6 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         self._prompt_len: dict[str, int] = {}
         # Running requests whose prompt the worker has reduced (processed).
         self._reduced: set[str] = set()
-        # Kept slots reserved per running request from its admission on.
-        self._reserve: dict[str, int] = {}
         # Set by the seam just before a request's blocks are freed: whether it
         # finished (else preempted) and the tokens whose KV it computed.
         self._releasing: dict[str, tuple[bool, int]] = {}
@@ -158,19 +156,11 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         cacheable = prompt_region_blocks(1, 1, mode, settings.policy.prefix_cacheable, True) > 0
         return _Request(settings.budget, mode, settings.chunk, settings.name, cacheable)
 
-    def note_request(
-        self, request_id: str, settings: KVSettings, prompt_len: int, max_tokens: int | None = None
-    ) -> None:
-        """The request's own settings, prompt length and output limit (told by
-        the seam, which sees the Request, before its lookup and first
-        allocation)."""
+    def note_request(self, request_id: str, settings: KVSettings, prompt_len: int) -> None:
+        """The request's own settings and prompt length (told by the seam,
+        which sees the Request, before its lookup and first allocation)."""
         self._requests[request_id] = self._describe(settings)
         self._prompt_len[request_id] = prompt_len
-        if max_tokens:
-            # A request's blocks are bounded: reserve all it will ever keep
-            # (at most the budget) when it is admitted, so that it never
-            # grows, and never forces a preemption, once running.
-            self._reserve[request_id] = min(prompt_len + max_tokens - 1, settings.budget)
 
     def knows(self, request_id: str) -> bool:
         return request_id in self._requests
@@ -199,14 +189,10 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
         r = self._requests.get(request_id, self._engine)
         if prompt_len is None:
             prompt_len = self._prompt_len.get(request_id, num_tokens)
-        region = self._region(request_id, prompt_len)
-        needed = slots_needed(
-            num_tokens, prompt_len, r.budget, r.mode, r.chunk, request_id in self._reduced, region, self.block_size
-        )
-        reserve = self._reserve.get(request_id, 0)
-        if region and num_tokens < prompt_len:
-            return needed  # the kept region comes after the whole prompt region
-        return max(needed, region * self.block_size + reserve)
+        return slots_needed(
+            num_tokens, prompt_len, r.budget, r.mode, r.chunk, request_id in self._reduced,
+            self._region(request_id, prompt_len), self.block_size,
+        )  # fmt: skip
 
     def get_num_blocks_to_allocate(
         self,
@@ -264,7 +250,6 @@ class TovaKVCacheManager(SingleTypeKVCacheManager):
     def pop_blocks_for_free(self, request_id: str):
         r = self._requests.pop(request_id, self._engine)
         self._prompt_len.pop(request_id, None)
-        self._reserve.pop(request_id, None)
         self._reduced.discard(request_id)
         blocks = super().pop_blocks_for_free(request_id)
         held = sum(not b.is_null for b in blocks)

@@ -60,9 +60,8 @@ def _note_request(managers: list, request: Any) -> None:
         # that bypasses it gets the engine's settings rather than a dead engine.
         logger.error("tova-vllm: request %s: %s; using the engine's settings", request.request_id, e)
         settings = engine
-    max_tokens = getattr(params, "max_tokens", None) if params is not None else None
     for manager in managers:
-        manager.note_request(request.request_id, settings, request.num_prompt_tokens, max_tokens)
+        manager.note_request(request.request_id, settings, request.num_prompt_tokens)
 
 
 def apply() -> None:
