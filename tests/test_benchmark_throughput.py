@@ -107,7 +107,7 @@ def test_values_are_sane(tiny_run):
             assert tova["peak_kv_blocks"] <= tova["peak_running"] * cap_blocks
             # The ideal runs at this variant's concurrency (its max_num_seqs),
             # on sequences `budget` long, with room for them.
-            assert v["ideal_concurrency"] == tova["runs"][0]["peak_running"]
+            assert v["ideal_concurrency"] == TINY.ideal_concurrency(b["budget"], tova["runs"][0]["peak_running"])
             assert ideal["peak_running"] <= v["ideal_concurrency"]
             assert ideal["kv_blocks"] == v["ideal_concurrency"] * -(-b["budget"] // TINY.stock_block_size)
             assert ideal["preemptions"] == 0

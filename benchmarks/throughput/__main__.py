@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
         print("\nserved (vllm serve + vllm bench serve):\n" + report.served_table(result["served"]))
         print(report.targets(result["served"], p.target_efficiency))
     print("\nx stock: output tok/s over the stock runs next to it; effic.: TOVA / ideal "
-          "(stock vLLM on sequences only `budget` tokens long at TOVA's peak concurrency)")
+          "(stock vLLM on sequences only `budget` tokens long at TOVA's peak concurrency, capped at what its KV memory holds at the budget)")
     walls = ", ".join(f"{m} {result[m + '_wall_s']:.0f} s" for m in ("offline", "served") if m in result)
     print(f"total {result['wall_s']:.0f} s ({walls}, engine starts included); JSON {json_path}; plot {png_path}")
     return result

@@ -8,7 +8,8 @@ Per budget, alternating (stock, TOVA, ideal; repeated ``rounds`` times):
   prompts, ...; each variant on its own engine);
 - ideal: stock vLLM on sequences only ``budget`` tokens long (the workload
   scaled down: same prompt share, about the same output tokens in total), on
-  an engine with ``max_num_seqs`` = the peak concurrency TOVA reached and the
+  an engine with ``max_num_seqs`` = the peak concurrency TOVA reached (capped at what its KV memory holds at the
+  budget) and the
   blocks those sequences need (one per distinct peak concurrency of the
   variants; each variant's efficiency is against the ideal at its own peak). No scoring and no eviction: what a capped KV
   cache could give at best. (Its own engine: a driver that holds a stock
@@ -227,7 +228,7 @@ def _run_budget(p, base, w, stock, budget, policy) -> dict[str, Any]:
             if not evicts:
                 continue  # nothing to evict: stock itself is the ideal
             for v in p.variants:
-                concurrency.setdefault(v.name, max(1, runs[v.name][0]["peak_running"]))
+                concurrency.setdefault(v.name, p.ideal_concurrency(budget, runs[v.name][0]["peak_running"]))
             for c in sorted(set(concurrency.values())):
                 if c not in ideals:
                     ideals[c] = start_engine(f"ideal budget={budget} max_num_seqs={c}",

@@ -113,6 +113,17 @@ class Preset:
         # +1: vLLM's block pool keeps one block back (its null block).
         return self.kv_tokens // block_size + 1
 
+    def sustainable_concurrency(self, budget: int) -> int:
+        """Sequences TOVA's KV memory holds at once at ``budget`` (each at its
+        cap, ``ceil(budget / block_size)`` blocks)."""
+        return max(1, (self.kv_tokens // self.block_size) // -(-budget // self.block_size))
+
+    def ideal_concurrency(self, budget: int, peak_running: int) -> int:
+        """The ideal's concurrency: what TOVA reached, capped at what its
+        memory holds at the cap (admitting more, and the preemptions that
+        follow, count against TOVA, not for the ideal)."""
+        return max(1, min(peak_running, self.sustainable_concurrency(budget)))
+
     def ideal_blocks(self, budget: int, concurrency: int) -> int:
         """Stock blocks the ideal run needs: `concurrency` sequences of `budget` tokens."""
         return concurrency * -(-budget // self.stock_block_size)

@@ -4,7 +4,7 @@ EOS ignored, all requests at once). While a run goes, the server's /metrics is
 polled for the running requests and KV usage; preemptions are the counter's
 increase over the run. Same alternation as offline: per budget, a stock run,
 a TOVA run per variant of the preset (prompt mode; each its own server), and an
-ideal run (a stock server with ``--max-num-seqs`` = the peak concurrency the
+ideal run (a stock server with ``--max-num-seqs`` = the peak concurrency (capped at what its memory holds) the
 TOVA server reached, on sequences ``budget`` tokens long; one per distinct
 peak concurrency of the variants).
 """
@@ -215,7 +215,7 @@ def _run_budget(p, model, out_dir, w, stock, budget, policy) -> dict[str, Any]:
             if not evicts:
                 continue
             for v in p.variants:
-                concurrency.setdefault(v.name, max(1, runs[v.name][0]["peak_running"]))
+                concurrency.setdefault(v.name, p.ideal_concurrency(budget, runs[v.name][0]["peak_running"]))
             for c in sorted(set(concurrency.values())):
                 if c not in ideals:
                     ideals[c] = Server(f"ideal b={budget} c={c}", model, p, out_dir, c, p.stock_block_size, [],
