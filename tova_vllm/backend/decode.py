@@ -10,8 +10,9 @@ the sink slot (`slots.SINK_SLOT`), i.e. nowhere. No host sync, no branch on
 the data.
 
 Device operations per layer call for a wave of TOVA rows (counted with the
-torch profiler in tests/test_decode_ops.py): gather the rows' blocks,
-concatenate K|V|side of the new tokens and append them, batched ``q.K`` with
+torch profiler in tests/test_decode_ops.py): concatenate K|V|side of the
+new tokens, gather the rows' blocks (whole pages), lay out K|V heads first with
+the new tokens appended (one concatenation), batched ``q.K`` with
 the masks added, softmax, batched ``p.V``, the output write, the head mean,
 the selection masks added, argmin, the destination slot, one slot write (plus
 the query and output reshapes). A wave where no row is full yet (and no policy
@@ -32,10 +33,15 @@ def forward_wave(layer, w: DecodeWave, query, key, value, view: SlotView, output
     n1, cd = w.num_cols, view.cache.dtype
     q = query[w.tokens]  # [R, Hq, D]
     new = torch.cat((key[w.tokens].to(cd), value[w.tokens].to(cd), w.new_side.expand(-1, hkv, -1)), dim=-1)
-    # The rows' blocks, KV heads first: [Hkv, R, n, C], then the new tokens as
-    # the last column: one contiguous [Hkv, R, n + 1, 2D] the matmuls read.
-    gathered = view.cache.transpose(0, 1)[:, w.blocks].flatten(2, 3)
-    kv = torch.cat((gathered[..., : 2 * dim], new[..., : 2 * dim].transpose(0, 1).unsqueeze(2)), dim=2)
+    # The rows' blocks, whole pages (one contiguous copy each: gathering KV
+    # heads first from the slot-major page is a strided copy, 4-8x slower at
+    # budget 512): [R, n, Hkv, C]. Then K|V, KV heads first, with the new
+    # tokens as the last column: one contiguous [Hkv, R, n + 1, 2D] the
+    # matmuls read.
+    gathered = view.pages.index_select(0, w.blocks.flatten()).view(rows, n1 - 1, hkv, -1)
+    kv = torch.cat(
+        (gathered[..., : 2 * dim].permute(2, 0, 1, 3), new[..., : 2 * dim].transpose(0, 1).unsqueeze(2)), dim=2
+    )
     if kv.dtype != q.dtype:
         kv = kv.to(q.dtype)
     keys = kv[..., :dim].reshape(hkv * rows, n1, dim)
@@ -96,7 +102,7 @@ def _select(layer, w: DecodeWave, probs, kv, gathered, new, view: SlotView) -> t
 
 def _positions(w: DecodeWave, rs, gathered, dim) -> torch.Tensor:
     """``[Rg, Hkv, n + 1]`` int64 true positions of the candidate columns."""
-    cached = gathered[:, rs, :, 2 * dim :].view(torch.int32)[..., 0].transpose(0, 1).long()
+    cached = gathered[rs, :, :, 2 * dim :].view(torch.int32)[..., 0].transpose(1, 2).long()
     newest = w.positions[rs].view(-1, 1, 1).expand(-1, cached.shape[1], 1)
     return torch.cat((cached, newest), dim=-1)
 
@@ -105,8 +111,8 @@ def _accumulate(layer, w: DecodeWave, g, probs, gathered, new, view: SlotView) -
     """The group's state after this step ``[Rg, Hkv, n + 1]``, written back
     to its cached slots and to the new tokens' side channel."""
     rs, dim, hkv = g.rows, layer.head_size, layer.num_kv_heads
-    before = gathered[:, rs, :, 2 * dim :].view(torch.int32)[..., 1:2].view(torch.float32)[..., 0]
-    before = torch.nn.functional.pad(before.transpose(0, 1), (0, 1))  # the new token starts at 0
+    before = gathered[rs, :, :, 2 * dim :].view(torch.int32)[..., 1:2].view(torch.float32)[..., 0]
+    before = torch.nn.functional.pad(before.transpose(1, 2), (0, 1))  # the new token starts at 0
     state = g.policy.accumulate(before, probs[:, rs].mean(dim=2).transpose(0, 1))
     cached = w.col_ids[rs, :-1]
     heads = torch.arange(hkv, device=cached.device)

@@ -2,9 +2,11 @@
 
 1. The segment's K|V|side are written to its slots (after the ``ctx`` held).
 2. Attention output from a fused, memory-efficient kernel, never a
-   materialized ``[heads, chunk, prompt]`` matrix: on the CPU PyTorch's flash
-   attention, once over the held slots (no mask) and once causally over the
-   segment itself, merged by their log-sum-exps; on CUDA the paged prefill
+   materialized ``[heads, chunk, prompt]`` matrix: on the CPU vLLM's own CPU
+   attention over a packed copy of the segment's keys and values
+   (`cpu_attention`), or where that is unusable PyTorch's flash attention,
+   once over the held slots (no mask) and once causally over the segment
+   itself, merged by their log-sum-exps; on CUDA the paged prefill
    kernel (`tova_vllm.kernels.prefill`: vLLM's FlashAttention through the block
    table) after the write.
 3. Scoring computes only what the policy declares, in memory linear in the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from tova_vllm.backend import cpu_attention
 from tova_vllm.backend.metadata import PromptSegment
 from tova_vllm.backend.slots import SlotView, encode_side
 from tova_vllm.policies import Candidates, selection
@@ -71,9 +74,14 @@ def _attend_paged(layer, q, view: SlotView, seg: PromptSegment) -> torch.Tensor:
 
 def _attend_portable(layer, q, k, v, ctx) -> torch.Tensor:
     """``[c, Hq, D]``: the segment's queries over the held slots and
-    themselves (causal). Flash attention on the CPU; elsewhere PyTorch's
+    themselves (causal). On the CPU vLLM's own CPU attention kernel
+    (`cpu_attention`), else PyTorch's flash attention; elsewhere PyTorch's
     SDPA (memory-efficient kernels)."""
     dim = layer.head_size
+    if q.device.type == "cpu" and (isa := cpu_attention.isa(q.dtype, dim)) is not None:
+        if ctx is None:
+            return cpu_attention.attend(q, (k,), (v,), layer.scale, isa)
+        return cpu_attention.attend(q, (ctx[..., :dim], k), (ctx[..., dim : 2 * dim], v), layer.scale, isa)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, c, D] (views, no copies)
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
     if ctx is not None:

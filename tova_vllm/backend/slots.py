@@ -85,6 +85,7 @@ class SlotView:
         self.num_kv_heads = hkv
         self.head_size = head_size
         self.slots = slot_major.view(nb * bs, hkv, c)
+        self.pages = slot_major.view(nb, bs * hkv * c)  # one row per block: what decode gathers
         side = self.slots[..., 2 * head_size :].view(torch.int32)  # [S, Hkv, 4]
         self.positions = side[..., 0]  # [S, Hkv] int32
         self.scores = side[..., 1:2].view(torch.float32)[..., 0]  # [S, Hkv] float32

@@ -11,8 +11,9 @@ limits:
   probabilities ``2 * Hq * R * (n + 1)`` float32 -- `decode_bytes`;
 * a prompt segment of ``c`` tokens after ``ctx`` held slots (``n = ctx +
   c``): the held slots ``ctx * Hkv * C``, the keys for scoring ``n * Hkv *
-  D`` (model dtype), the attention outputs and their merge ``3 * Hq * c * D``
-  plus ``2 * Hq * c`` float32, the last query's scores ``2 * Hq * n`` float32,
+  D`` (model dtype), on the CPU the packed copy vLLM's CPU attention reads
+  ``2 * ceil(n / 32) * 32 * Hkv * D`` (model dtype), the attention outputs
+  and their merge ``3 * Hq * c * D`` plus ``2 * Hq * c`` float32, the last query's scores ``2 * Hq * n`` float32,
   and for accumulating policies one query tile, at most `prompt.TILE_BYTES`
   -- `prompt_bytes`.
 
@@ -64,9 +65,10 @@ def prompt_bytes(s: Shapes, ctx: int, chunk: int, accumulates: bool = True) -> i
     n = ctx + chunk
     held = ctx * s.num_kv_heads * s.slot_elements * s.cache_dtype.itemsize
     keys = n * s.num_kv_heads * s.head_size * s.model_dtype.itemsize
+    packed = 2 * -(-n // 32) * 32 * s.num_kv_heads * s.head_size * s.model_dtype.itemsize  # CPU only
     outputs = 3 * s.num_heads * chunk * s.head_size * F32 + 2 * s.num_heads * chunk * F32
     last = 2 * s.num_heads * n * F32
-    return held + keys + outputs + last + (TILE_BYTES if accumulates else 0)
+    return held + keys + packed + outputs + last + (TILE_BYTES if accumulates else 0)
 
 
 def worst_case_bytes(s: Shapes, *, max_num_seqs: int, budget: int, block_size: int, max_model_len: int,
