@@ -121,10 +121,10 @@ def main(argv=None) -> dict:
           f"TOVA variants: {', '.join(v.label for v in p.variants)} prompts")
     if "offline" in result:
         print("\noffline (vllm.LLM):\n" + report.offline_table(result["offline"], p.seq_len))
-        print(report.targets(result["offline"], p.target_efficiency))
+        print(report.targets(result["offline"], p.target_efficiency, p.target_nothing_evicted))
     if "served" in result:
         print("\nserved (vllm serve + vllm bench serve):\n" + report.served_table(result["served"]))
-        print(report.targets(result["served"], p.target_efficiency))
+        print(report.targets(result["served"], p.target_efficiency, p.target_nothing_evicted))
     print("\nx stock: output tok/s over the stock runs next to it; effic.: TOVA / ideal "
           "(stock vLLM on sequences only `budget` tokens long at TOVA's peak concurrency, capped at what its KV memory holds at the budget)")
     walls = ", ".join(f"{m} {result[m + '_wall_s']:.0f} s" for m in ("offline", "served") if m in result)

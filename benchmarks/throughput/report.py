@@ -69,12 +69,19 @@ def offline_table(off: dict[str, Any], seq_len: int) -> str:
     return _table(rows)
 
 
-def targets(part: dict[str, Any], target_efficiency: float | None) -> str:
+def targets(part: dict[str, Any], target_efficiency: float | None, target_nothing_evicted: float | None = None) -> str:
     """Per evicting budget and variant: efficiency against the target, and
-    (with several variants) peak/mean running sequences, the admission side."""
+    (with several variants) peak/mean running sequences, the admission side;
+    where nothing is evicted, TOVA / stock against its own target."""
     lines = []
     for b in part["budgets"]:
         variants = _variants(part, b)
+        if not b.get("evicts", True) and target_nothing_evicted is not None:
+            for v in variants:
+                r = v.get("ratio_vs_stock")
+                if r is not None:
+                    lines.append(f"b={b['budget']} {v['label']}: nothing evicted, x stock {r:.2f} (target >= "
+                                 f"{target_nothing_evicted:.2f}: {'met' if r >= target_nothing_evicted else 'not met'})")
         for v in variants:
             if not b.get("evicts", True) or v.get("efficiency") is None:
                 continue

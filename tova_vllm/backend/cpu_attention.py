@@ -9,9 +9,10 @@ strides only, and expects each (block, head) to hold its tokens contiguously
 in the ISA's own packing (written by ``_C.cpu_attn_reshape_and_cache``),
 where the TOVA page is slot-major with a side channel (`slots`). So a
 segment's keys and values (its held slots, then its own tokens) are packed
-into a transient paged copy of ``n = ctx + c`` tokens (``2 * n * Hkv * D``
-elements of the model dtype, `workspace.prompt_bytes`), attended causally
-(bottom-right: the segment's queries are the last ``c`` of the ``n``).
+into a paged copy of ``n = ctx + c`` tokens (``2 * n * Hkv * D`` elements of
+the model dtype, `workspace.prompt_bytes`; kept across calls,
+`workspace.kept_buffer`), attended causally (bottom-right: the
+segment's queries are the last ``c`` of the ``n``).
 
 `isa` decides once per (dtype, head size) whether the kernel is there and
 agrees with PyTorch's SDPA on a small case; if not (another vLLM build, an
@@ -26,6 +27,8 @@ import functools
 import torch
 
 from vllm.logger import init_logger
+
+from tova_vllm.backend import workspace
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -81,12 +84,11 @@ def attend(q: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.
     hkv = keys[0].shape[1]
     n = sum(part.shape[0] for part in keys)
     nb = -(-n // BLOCK_SIZE)
-    key_cache = torch.empty(nb, hkv, BLOCK_SIZE, dim, dtype=q.dtype, device=q.device)
-    value_cache = torch.empty_like(key_cache)
-    # The last block's tail is masked, but the kernel still multiplies it by
-    # zero weights: it must hold finite values (stock vLLM's pool is zeroed).
-    key_cache[-1].zero_()
-    value_cache[-1].zero_()
+    # Kept across calls (`workspace.kept_buffer`); a block's tail past the
+    # segment is masked, but the kernel still multiplies it by zero weights,
+    # so it must hold finite values: zeros, or an earlier segment's K/V.
+    key_cache = workspace.kept_buffer("packed_keys", (nb, hkv, BLOCK_SIZE, dim), q.dtype, q.device)
+    value_cache = workspace.kept_buffer("packed_values", (nb, hkv, BLOCK_SIZE, dim), q.dtype, q.device)
     start = 0
     for k, v in zip(keys, values):
         t = k.shape[0]

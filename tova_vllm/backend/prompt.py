@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from tova_vllm.backend import cpu_attention
+from tova_vllm.backend import cpu_attention, workspace
 from tova_vllm.backend.metadata import PromptSegment
 from tova_vllm.backend.slots import SlotView, encode_side
 from tova_vllm.policies import Candidates, selection
@@ -52,7 +52,10 @@ def forward_segment(layer, seg: PromptSegment, query, key, value, view: SlotView
     scoring = p.reduce or seg.policy.accumulates
     paged = seg.table_row is not None and layer.prefill_attention_impl(q.dtype, cd) == "flash_attn"
     # The held slots: for the portable attention, and for scoring.
-    ctx = view.slots.index_select(0, seg.ctx_ids) if p.ctx and (scoring or not paged) else None  # [ctx, Hkv, C]
+    ctx = None  # [ctx, Hkv, C]
+    if p.ctx and (scoring or not paged):
+        ctx = workspace.kept_buffer("held_slots", (p.ctx, *view.slots.shape[1:]), cd, view.slots.device)
+        torch.index_select(view.slots, 0, seg.ctx_ids, out=ctx)
     out = _attend_paged(layer, q, view, seg) if paged else _attend_portable(layer, q, k, v, ctx)
     output[s:e].copy_(out)
     if scoring:
