@@ -73,10 +73,11 @@ def _check(name: str, dtype: torch.dtype, head_size: int) -> None:
 
 
 def attend(q: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...], scale: float,
-           name: str) -> torch.Tensor:  # fmt: skip
+           name: str, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``[c, Hq, D]``: the ``c`` queries ``q`` over the keys/values given in
     token order as parts ``[t_i, Hkv, D]`` (held slots, then the segment's own
-    tokens), causal with the queries as the last ``c`` tokens."""
+    tokens), causal with the queries as the last ``c`` tokens; written into
+    ``out`` when given (contiguous, the queries' dtype)."""
     from vllm import _custom_ops as ops
     from vllm import envs
 
@@ -103,7 +104,8 @@ def attend(q: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.
         query_start_loc=query_start, causal=True, sliding_window_size=-1, isa=name,
         enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )  # fmt: skip
-    out = torch.empty(c, hq, dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(c, hq, dim, dtype=q.dtype, device=q.device)
     ops.cpu_attention_with_kv_cache(
         query=q if q.stride(-1) == 1 else q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
         query_start_loc=query_start, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,

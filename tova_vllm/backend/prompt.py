@@ -56,8 +56,10 @@ def forward_segment(layer, seg: PromptSegment, query, key, value, view: SlotView
     if p.ctx and (scoring or not paged):
         ctx = workspace.kept_buffer("held_slots", (p.ctx, *view.slots.shape[1:]), cd, view.slots.device)
         torch.index_select(view.slots, 0, seg.ctx_ids, out=ctx)
-    out = _attend_paged(layer, q, view, seg) if paged else _attend_portable(layer, q, k, v, ctx)
-    output[s:e].copy_(out)
+    dest = output[s:e]
+    out = _attend_paged(layer, q, view, seg) if paged else _attend_portable(layer, q, k, v, ctx, dest)
+    if out is not dest:
+        dest.copy_(out)
     if scoring:
         _score_and_reduce(layer, seg, q, k, ctx, view)
 
@@ -75,16 +77,18 @@ def _attend_paged(layer, q, view: SlotView, seg: PromptSegment) -> torch.Tensor:
     return out
 
 
-def _attend_portable(layer, q, k, v, ctx) -> torch.Tensor:
+def _attend_portable(layer, q, k, v, ctx, dest=None) -> torch.Tensor:
     """``[c, Hq, D]``: the segment's queries over the held slots and
     themselves (causal). On the CPU vLLM's own CPU attention kernel
     (`cpu_attention`), else PyTorch's flash attention; elsewhere PyTorch's
     SDPA (memory-efficient kernels)."""
     dim = layer.head_size
     if q.device.type == "cpu" and (isa := cpu_attention.isa(q.dtype, dim)) is not None:
+        # Straight into the layer's output where it can take it (saves a copy).
+        into = dest if dest is not None and dest.is_contiguous() and dest.dtype == q.dtype else None
         if ctx is None:
-            return cpu_attention.attend(q, (k,), (v,), layer.scale, isa)
-        return cpu_attention.attend(q, (ctx[..., :dim], k), (ctx[..., dim : 2 * dim], v), layer.scale, isa)
+            return cpu_attention.attend(q, (k,), (v,), layer.scale, isa, into)
+        return cpu_attention.attend(q, (ctx[..., :dim], k), (ctx[..., dim : 2 * dim], v), layer.scale, isa, into)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, c, D] (views, no copies)
     kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
     if ctx is not None:
