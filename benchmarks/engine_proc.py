@@ -27,10 +27,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import multiprocessing as mp
 import os
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 READY_TIMEOUT_S = 1800
@@ -353,6 +355,21 @@ def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return round(a / b, digits)
+
+
+def write_report(result: dict[str, Any], out: Path, name: str, markdown, plot) -> dict[str, Any]:
+    """Writes ``name``.json/.md/.png into ``out`` (their paths also in the
+    result), prints the table and where everything went."""
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
+    result.update({k: str(v) for k, v in paths.items()})
+    table = markdown(result)
+    paths["md"].write_text(table + "\n")
+    paths["json"].write_text(json.dumps(result, indent=1))
+    plot(result, paths["png"])
+    print("\n" + table)
+    print(f"\ntotal {result['wall_s']:.0f} s (engine starts included); JSON {paths['json']}; "
+          f"table {paths['md']}; plot {paths['png']}")
+    return result
 
 
 def machine_info() -> dict[str, Any]:

@@ -61,14 +61,13 @@ table, also printed).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.engine_proc import EngineProcess, engine_env, machine_info, ratio, start_engines
+from benchmarks.engine_proc import EngineProcess, engine_env, machine_info, ratio, start_engines, write_report
 
 CONFIGS = ("stock", "bulk", "chunked")
 TARGET_TTFT = 1.15  # TOVA bulk / stock at the largest size
@@ -345,16 +344,7 @@ def main(argv=None) -> dict[str, Any]:
         "summary": summarize(s, raw),
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    paths = {"json": out / "long_prompt.json", "png": out / "long_prompt.png", "md": out / "long_prompt.md"}
-    result.update({k: str(v) for k, v in paths.items()})
-    table = markdown(result)
-    paths["md"].write_text(table + "\n")
-    paths["json"].write_text(json.dumps(result, indent=1))
-    plot(result, paths["png"])
-    print("\n" + table)
-    print(f"\ntotal {result['wall_s']:.0f} s (engine starts included); JSON {paths['json']}; "
-          f"plot {paths['png']}; table {paths['md']}")
-    return result
+    return write_report(result, out, "long_prompt", markdown, plot)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ shared_prefix.json, shared_prefix.md (also printed), shared_prefix.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -65,7 +64,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.engine_proc import EngineProcess, engine_env, machine_info, percentile, ratio, start_engines
+from benchmarks.engine_proc import (
+    EngineProcess, engine_env, machine_info, percentile, ratio, start_engines, write_report,
+)
 
 CONFIGS = ("stock", "tova_cache", "tova_nocache")
 LABELS = {"stock": "stock vLLM (prefix caching)", "tova_cache": "TOVA + prefix caching requested",
@@ -375,16 +376,7 @@ def main(argv=None) -> dict[str, Any]:
         "raw": measured["raw"],
         "wall_s": round(time.perf_counter() - t0, 1),
     }
-    paths = {"json": out / "shared_prefix.json", "md": out / "shared_prefix.md", "png": out / "shared_prefix.png"}
-    result.update({k: str(v) for k, v in paths.items()})
-    table = markdown(result)
-    paths["md"].write_text(table + "\n")
-    paths["json"].write_text(json.dumps(result, indent=1))
-    plot(result, paths["png"])
-    print("\n" + table)
-    print(f"\ntotal {result['wall_s']:.0f} s (engine starts included); JSON {paths['json']}; "
-          f"table {paths['md']}; plot {paths['png']}")
-    return result
+    return write_report(result, out, "shared_prefix", markdown, plot)
 
 
 if __name__ == "__main__":

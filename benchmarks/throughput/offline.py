@@ -182,6 +182,49 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def budget_result(p: Preset, w: Workload, budget: int, evicts: bool, runs: dict[str, list], ideal_runs: dict[int, list],
+                  concurrency: dict[str, int], aggregate_runs, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One budget's result (offline and served alike): per TOVA variant its
+    aggregate, ratio to stock and efficiency against the ideal at its
+    concurrency; the first variant's figures also at the top level."""
+    s = aggregate_runs(runs["stock"])
+    ideal_aggs = {c: aggregate_runs(r) for c, r in ideal_runs.items()}
+    best = ideal_aggs[max(ideal_aggs)] if ideal_aggs else None
+    variants = []
+    for v in p.variants:
+        t = aggregate_runs(runs[v.name])
+        c = concurrency.get(v.name)
+        i = ideal_aggs.get(c) if evicts else None
+        ref = i or s
+        variants.append({
+            "name": v.name, "label": v.label, "prompt_mode": v.prompt_mode, "prompt_chunk": v.prompt_chunk,
+            "tova": t, "ideal": i, "ideal_concurrency": c,
+            "ratio_vs_stock": _ratio(t, s),
+            "ideal_ratio_vs_stock": _ratio(ref, s),
+            "efficiency": _ratio(t, ref),
+            # Against the ideal at the highest concurrency any variant reached
+            # (with one variant, or all at the same concurrency: = efficiency).
+            "efficiency_vs_best_ideal": _ratio(t, best or s),
+        })
+    first = variants[0]
+    return {
+        "budget": budget,
+        "budget_fraction": round(budget / w.seq_len, 4),
+        "evicts": evicts,
+        **(extra or {}),
+        "stock": s,
+        # The first variant (bulk prompts by default), as before variants existed:
+        "tova": first["tova"],
+        "ideal": first["ideal"],
+        "ideal_concurrency": first["ideal_concurrency"],
+        "ratio_vs_stock": first["ratio_vs_stock"],
+        "ideal_ratio_vs_stock": first["ideal_ratio_vs_stock"],
+        "efficiency": first["efficiency"],
+        "variants": variants,
+        "ideals": {str(c): a for c, a in sorted(ideal_aggs.items())},
+    }
+
+
 def _ratio(a: dict | None, b: dict | None) -> float | None:
     if not a or not b:
         return None
@@ -240,39 +283,5 @@ def _run_budget(p, base, w, stock, budget, policy) -> dict[str, Any]:
     finally:
         for llm in [*engines.values(), *ideals.values()]:
             stop_engine(llm)
-    s = aggregate(runs["stock"])
-    ideal_aggs = {c: aggregate(r) for c, r in ideal_runs.items()}
-    best = ideal_aggs[max(ideal_aggs)] if ideal_aggs else None
-    variants = []
-    for v in p.variants:
-        t = aggregate(runs[v.name])
-        c = concurrency.get(v.name)
-        i = ideal_aggs.get(c) if evicts else None
-        ref = i or s
-        variants.append({
-            "name": v.name, "label": v.label, "prompt_mode": v.prompt_mode, "prompt_chunk": v.prompt_chunk,
-            "tova": t, "ideal": i, "ideal_concurrency": c,
-            "ratio_vs_stock": _ratio(t, s),
-            "ideal_ratio_vs_stock": _ratio(ref, s),
-            "efficiency": _ratio(t, ref),
-            # Against the ideal at the highest concurrency any variant reached
-            # (with one variant, or all at the same concurrency: = efficiency).
-            "efficiency_vs_best_ideal": _ratio(t, best or s),
-        })
-    first = variants[0]
-    return {
-        "budget": budget,
-        "budget_fraction": round(budget / w.seq_len, 4),
-        "evicts": evicts,
-        "ideal_workload": dataclasses.asdict(ideal_workload(w, budget)) if evicts else None,
-        "stock": s,
-        # The first variant (bulk prompts by default), as before variants existed:
-        "tova": first["tova"],
-        "ideal": first["ideal"],
-        "ideal_concurrency": first["ideal_concurrency"],
-        "ratio_vs_stock": first["ratio_vs_stock"],
-        "ideal_ratio_vs_stock": first["ideal_ratio_vs_stock"],
-        "efficiency": first["efficiency"],
-        "variants": variants,
-        "ideals": {str(c): a for c, a in sorted(ideal_aggs.items())},
-    }
+    extra = {"ideal_workload": dataclasses.asdict(ideal_workload(w, budget)) if evicts else None}
+    return budget_result(p, w, budget, evicts, runs, ideal_runs, concurrency, aggregate, extra)

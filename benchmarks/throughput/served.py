@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from benchmarks.throughput.offline import Workload, _ratio, ideal_workload
+from benchmarks.throughput.offline import Workload, budget_result, ideal_workload
 from benchmarks.throughput.presets import Preset
 
 VLLM_CLI = str(Path(sys.executable).with_name("vllm"))
@@ -227,26 +227,4 @@ def _run_budget(p, model, out_dir, w, stock, budget, policy) -> dict[str, Any]:
     finally:
         for server in [*servers.values(), *ideals.values()]:
             server.stop()
-    s = _aggregate(runs["stock"])
-    ideal_aggs = {c: _aggregate(r) for c, r in ideal_runs.items()}
-    best = ideal_aggs[max(ideal_aggs)] if ideal_aggs else None
-    variants = []
-    for v in p.variants:
-        t = _aggregate(runs[v.name])
-        c = concurrency.get(v.name)
-        i = ideal_aggs.get(c) if evicts else None
-        ref = i or s
-        variants.append({
-            "name": v.name, "label": v.label, "prompt_mode": v.prompt_mode, "prompt_chunk": v.prompt_chunk,
-            "tova": t, "ideal": i, "ideal_concurrency": c, "ratio_vs_stock": _ratio(t, s),
-            "ideal_ratio_vs_stock": _ratio(ref, s), "efficiency": _ratio(t, ref),
-            "efficiency_vs_best_ideal": _ratio(t, best or s),
-        })
-    first = variants[0]
-    return {
-        "budget": budget, "budget_fraction": round(budget / w.seq_len, 4), "evicts": evicts,
-        "stock": s, "tova": first["tova"], "ideal": first["ideal"], "ideal_concurrency": first["ideal_concurrency"],
-        "ratio_vs_stock": first["ratio_vs_stock"], "ideal_ratio_vs_stock": first["ideal_ratio_vs_stock"],
-        "efficiency": first["efficiency"], "variants": variants,
-        "ideals": {str(c): a for c, a in sorted(ideal_aggs.items())},
-    }
+    return budget_result(p, w, budget, evicts, runs, ideal_runs, concurrency, _aggregate)

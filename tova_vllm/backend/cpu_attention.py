@@ -72,6 +72,25 @@ def _check(name: str, dtype: torch.dtype, head_size: int) -> None:
         raise RuntimeError(f"differs from SDPA by {err:.3g} (ISA {name})")
 
 
+@functools.lru_cache(maxsize=16)
+def _schedule(c: int, n: int, hq: int, hkv: int, dim: int, dtype: torch.dtype, name: str):
+    """The kernel's inputs that depend on the shapes only (query start, length,
+    its work schedule, the block table of the packed copy): the same for every
+    layer of a step, so computed once per segment shape."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    query_start = torch.tensor([0, c], dtype=torch.int32)
+    seq_lens = torch.tensor([n], dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=hq, num_kv_heads=hkv, head_dim=dim, seq_lens=seq_lens, dtype=dtype,
+        query_start_loc=query_start, causal=True, sliding_window_size=-1, isa=name,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )  # fmt: skip
+    nb = -(-n // BLOCK_SIZE)
+    return query_start, seq_lens, metadata, torch.arange(nb, dtype=torch.int32).view(1, nb)
+
+
 def attend(q: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.Tensor, ...], scale: float,
            name: str, out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``[c, Hq, D]``: the ``c`` queries ``q`` over the keys/values given in
@@ -79,7 +98,6 @@ def attend(q: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.
     tokens), causal with the queries as the last ``c`` tokens; written into
     ``out`` when given (contiguous, the queries' dtype)."""
     from vllm import _custom_ops as ops
-    from vllm import envs
 
     c, hq, dim = q.shape
     hkv = keys[0].shape[1]
@@ -97,19 +115,13 @@ def attend(q: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.
             slots = torch.arange(start, start + t, device=q.device)
             ops.cpu_attn_reshape_and_cache(k.to(q.dtype), v.to(q.dtype), key_cache, value_cache, slots, name)
         start += t
-    query_start = torch.tensor([0, c], dtype=torch.int32)
-    seq_lens = torch.tensor([n], dtype=torch.int32)
-    metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=1, num_heads=hq, num_kv_heads=hkv, head_dim=dim, seq_lens=seq_lens, dtype=q.dtype,
-        query_start_loc=query_start, causal=True, sliding_window_size=-1, isa=name,
-        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-    )  # fmt: skip
+    query_start, seq_lens, metadata, block_table = _schedule(c, n, hq, hkv, dim, q.dtype, name)
     if out is None:
         out = torch.empty(c, hq, dim, dtype=q.dtype, device=q.device)
     ops.cpu_attention_with_kv_cache(
         query=q if q.stride(-1) == 1 else q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
         query_start_loc=query_start, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
-        sliding_window=-1, block_table=torch.arange(nb, dtype=torch.int32).view(1, nb), softcap=0.0,
+        sliding_window=-1, block_table=block_table, softcap=0.0,
         scheduler_metadata=metadata, s_aux=None,
     )  # fmt: skip
     return out

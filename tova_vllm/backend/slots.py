@@ -89,7 +89,3 @@ class SlotView:
         side = self.slots[..., 2 * head_size :].view(torch.int32)  # [S, Hkv, 4]
         self.positions = side[..., 0]  # [S, Hkv] int32
         self.scores = side[..., 1:2].view(torch.float32)[..., 0]  # [S, Hkv] float32
-
-    @property
-    def kv_dim(self) -> int:
-        return 2 * self.head_size
