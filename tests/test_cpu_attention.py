@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from tova_vllm.backend import cpu_attention
+from tova_vllm.backend import builder, cpu_attention
 
 
 def test_vllm_cpu_attention_is_used_on_this_machine():
@@ -34,3 +34,57 @@ def test_segment_attention_equals_sdpa(ctx, c):
         q.double().transpose(0, 1), keys, values, attn_mask=causal_lower_right(c, ctx + c), scale=dim**-0.5
     ).transpose(0, 1)
     assert (got.double() - want).abs().max().item() < 1e-5
+
+
+def test_page_spans_cover_the_slots_in_any_block_order():
+    # A cached prompt's blocks often run downwards (vLLM frees a request's
+    # blocks in reverse order), its new tokens' block lies elsewhere.
+    bs = 16
+    blocks = [40, 39, 38, 37, 5]
+    ids = (torch.tensor(blocks).unsqueeze(1) * bs + torch.arange(bs)).flatten()[: 4 * bs + 7]
+    spans = builder.page_spans(ids)
+    assert [(lo, hi) for lo, hi, _ in spans] == [(5 * bs, 5 * bs + 7), (37 * bs, 41 * bs)]
+    token_of_slot = {}
+    for lo, hi, slots in spans:
+        assert slots.shape[0] == hi - lo
+        token_of_slot.update({lo + i: t for i, t in enumerate(slots.tolist()) if t >= 0})
+    assert token_of_slot == {slot: token for token, slot in enumerate(ids.tolist())}
+    assert builder.page_spans(ids[:0]) == ()
+
+
+def test_page_spans_give_up_where_the_slots_are_scattered():
+    bs = 16
+    scattered = (torch.arange(0, 40 * (builder.MAX_PAGE_SPANS + 1), 40).unsqueeze(1) * bs + torch.arange(bs)).flatten()
+    assert builder.page_spans(scattered) is None  # too many spans: gathered instead
+    assert len(builder.page_spans(scattered[: -bs])) == builder.MAX_PAGE_SPANS  # one fewer: packed in place
+    sparse = torch.tensor([0, 200, 400, 600])  # few spans, but mostly other slots
+    assert builder.page_spans(sparse) is None
+
+
+@pytest.mark.parametrize("c", [1, 40])
+def test_attention_packed_from_page_spans_equals_sdpa(c):
+    """The engine's CPU path: a segment's slots (held ones in downward blocks,
+    its own in another block) packed straight from the page, attended, and
+    the last query's key scores read back from the packed keys."""
+    gen = torch.Generator().manual_seed(c)
+    hq, hkv, dim, bs = 9, 3, 64, 16
+    page = torch.randn(64 * bs, hkv, 2 * dim + 4, generator=gen)
+    n = 3 * bs + 5 + c
+    blocks = torch.tensor([30, 29, 28, 27, 9, 10, 11])
+    ids = (blocks.unsqueeze(1) * bs + torch.arange(bs)).flatten()[:n]
+    q = torch.randn(c, hq, dim, generator=gen)
+    isa = cpu_attention.isa(torch.float32, dim)
+    parts = [(page[lo:hi, :, :dim], page[lo:hi, :, dim : 2 * dim], slots) for lo, hi, slots in builder.page_spans(ids)]
+    packed = cpu_attention.pack(parts, n, torch.float32, isa)
+    got = cpu_attention.attend_packed(q, packed, dim**-0.5)
+    keys, values = page[ids, :, :dim].double(), page[ids, :, dim : 2 * dim].double()
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double().transpose(0, 1), keys.repeat_interleave(hq // hkv, 1).transpose(0, 1),
+        values.repeat_interleave(hq // hkv, 1).transpose(0, 1), attn_mask=causal_lower_right(c, n), scale=dim**-0.5,
+    ).transpose(0, 1)  # fmt: skip
+    assert (got.double() - want).abs().max().item() < 1e-5
+    assert cpu_attention.keys_readable(torch.float32, dim, isa)  # the VEC packing here
+    q_last = q[-1].view(hkv, hq // hkv, dim)
+    scores = packed.key_scores(q_last)
+    assert scores.shape == (hkv, hq // hkv, n)
+    assert (scores.double() - torch.einsum("hgd,nhd->hgn", q_last.double(), keys)).abs().max().item() < 1e-4

@@ -352,6 +352,17 @@ def test_keep_top_equals_repeated_evict_one(pri, keep):
     assert keep_top(pri, keep).tolist() == slots
 
 
+@given(st.integers(1, 3), st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, float("inf"), float("-inf")]),
+                                   min_size=3, max_size=36), st.data())
+def test_keep_top_threshold_equals_sorted(rows, values, data):
+    """The CPU's sort-free keep_top keeps exactly what the stable sort keeps,
+    row by row, with ties and infinities (PROTECTED, EMPTY)."""
+    n = len(values) // rows
+    pri = torch.tensor(values[: rows * n], dtype=torch.float32).view(rows, n)
+    keep = data.draw(st.integers(0, n - 1))
+    assert torch.equal(selection.keep_top_threshold(pri, keep), selection.keep_top_sorted(pri, keep))
+
+
 @given(priorities, st.data())
 def test_evict_one_is_the_lowest_then_the_first(pri, data):
     n = pri.numel()

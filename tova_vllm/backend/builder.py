@@ -152,7 +152,10 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             fields = packed[offset : offset + _WAVE_FIELDS * w.size].view(_WAVE_FIELDS, w.size)
             offset += _WAVE_FIELDS * w.size
             waves.append(build_wave(w, fields, block_table, self.layout, self._group_policies))
-        segments = [build_segment(s, block_table, self.block_size, self._group_policies) for s in plan.segments]
+        segments = [
+            build_segment(s, block_table, self.block_size, self._group_policies, self.cache_dtype)
+            for s in plan.segments
+        ]
         return TovaMetadata(num_actual_tokens=cm.num_actual_tokens, segments=segments, waves=waves)
 
     def _to_device(self, waves: list[planning.Wave]) -> torch.Tensor:
@@ -242,7 +245,11 @@ def build_wave(
 
 
 def build_segment(
-    s: planning.Segment, block_table: torch.Tensor, block_size: int, group_policies: list[EvictionPolicy]
+    s: planning.Segment,
+    block_table: torch.Tensor,
+    block_size: int,
+    group_policies: list[EvictionPolicy],
+    cache_dtype: torch.dtype,
 ) -> PromptSegment:
     """A prompt segment's slots, from its request's block-table row."""
     dev = block_table.device
@@ -253,15 +260,68 @@ def build_segment(
     if s.reduce:
         first = s.dest_block * block_size  # in place, or the kept region
         dest = row_slot_ids(row, torch.arange(first, first + min(n, s.budget), device=dev), block_size)
+    positions = torch.arange(s.pos_start, s.pos_start + s.length, device=dev)
+    writes = ids[s.ctx :]
     return PromptSegment(
         plan=s,
         policy=group_policies[s.group],
-        positions=torch.arange(s.pos_start, s.pos_start + s.length, device=dev),
-        write_ids=ids[s.ctx :],
+        positions=positions,
+        side=encode_side(positions, cache_dtype).unsqueeze(1),
+        write_range=slot_range(writes),
+        all_ids=ids,
+        write_ids=writes,
         ctx_ids=ids[: s.ctx],
         dest_ids=dest,
+        dest_range=slot_range(dest) if dest is not None else None,
+        budget=torch.tensor([s.budget], device=dev) if s.reduce else None,
+        valid=torch.ones(1, 1, n, dtype=torch.bool, device=dev) if s.reduce else None,
+        page_spans=page_spans(ids) if dev.type == "cpu" else None,
         table_row=block_table[s.row : s.row + 1].to(torch.int32) if dev.type == "cuda" else None,
     )
+
+
+def slot_range(ids: torch.Tensor) -> tuple[int, int] | None:
+    """``(a, b)`` where ``ids`` are the slots ``a .. b - 1`` in order (one
+    copy into a slice then does what an indexed copy would), else None."""
+    n = ids.shape[0]
+    if n == 0 or int(ids[-1] - ids[0]) != n - 1 or not bool((ids.diff() == 1).all()):
+        return None
+    return int(ids[0]), int(ids[0]) + n
+
+
+# A CPU prompt segment's slots are packed for vLLM's CPU attention straight
+# from the page, one kernel call per span of the page that holds them, where
+# they fit in at most MAX_PAGE_SPANS spans (a gap of more than SPAN_GAP free
+# slots starts a new one) covering at most SPAN_SLACK times their number of
+# slots (the kernel skips the others, a few ns each); else the held slots are
+# gathered first (one more copy).
+MAX_PAGE_SPANS, SPAN_GAP, SPAN_SLACK = 8, 256, 2
+
+
+def page_spans(ids: torch.Tensor) -> tuple[tuple[int, int, torch.Tensor], ...] | None:
+    """``ids`` (flat slots, in token order) as spans ``(lo, hi, slots)`` of
+    the page: ``slots[i]`` is the token in slot ``lo + i``, or -1 (see
+    `PromptSegment.page_spans`). Any order of blocks works: vLLM hands out
+    the blocks a request freed in reverse order, so a cached prompt's blocks
+    often run downwards."""
+    n = ids.shape[0]
+    if n == 0:
+        return ()
+    values, tokens = torch.sort(ids)
+    cuts = (torch.nonzero(values[1:] - values[:-1] > SPAN_GAP).flatten() + 1).tolist()
+    if len(cuts) >= MAX_PAGE_SPANS:
+        return None
+    bounds = [0, *cuts, n]
+    edges = values[[i for b in zip(bounds[:-1], bounds[1:]) for i in (b[0], b[1] - 1)]].tolist()
+    los, his = edges[0::2], [e + 1 for e in edges[1::2]]
+    if sum(his) - sum(los) > SPAN_SLACK * n:
+        return None
+    spans = []
+    for a, b, lo, hi in zip(bounds[:-1], bounds[1:], los, his):
+        slots = torch.full((hi - lo,), -1, dtype=torch.long)
+        slots[values[a:b] - lo] = tokens[a:b]
+        spans.append((lo, hi, slots))
+    return tuple(spans)
 
 
 def pack_waves(waves: list[planning.Wave]) -> np.ndarray:

@@ -18,9 +18,19 @@ class PromptSegment:
     plan: Segment
     policy: EvictionPolicy
     positions: torch.Tensor  # [c] int64, the tokens' positions
-    write_ids: torch.Tensor  # [c] flat slots ctx .. ctx + c - 1
-    ctx_ids: torch.Tensor  # [ctx] flat slots 0 .. ctx - 1 (held before)
+    side: torch.Tensor  # [c, 1, SIDE] their side channel (cache dtype), written with their K/V
+    write_range: tuple[int, int] | None  # write_ids as one range of slots [a, b), where they are
+    all_ids: torch.Tensor  # [ctx + c] flat slots 0 .. ctx + c - 1
+    write_ids: torch.Tensor  # [c] flat slots ctx .. ctx + c - 1 (a view of all_ids)
+    ctx_ids: torch.Tensor  # [ctx] flat slots 0 .. ctx - 1, held before (a view of all_ids)
     dest_ids: torch.Tensor | None  # [budget] flat slots 0 .. budget - 1 (reduce)
+    dest_range: tuple[int, int] | None  # dest_ids as one range of slots, where they are
+    budget: torch.Tensor | None  # [1] int64 (reduce)
+    valid: torch.Tensor | None  # [1, 1, ctx + c] bool, all true (reduce)
+    # CPU: all_ids as a few compact spans of the page, ``(lo, hi, slots)``:
+    # ``slots[i]`` is the token (0 .. ctx + c - 1) in page slot ``lo + i``, or
+    # -1; None where they would span too much (`builder.page_spans`).
+    page_spans: tuple[tuple[int, int, torch.Tensor], ...] | None = None
     table_row: torch.Tensor | None = None  # [1, W] int32 block-table row (CUDA: paged attention)
 
 

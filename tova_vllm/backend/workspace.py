@@ -17,9 +17,11 @@ limits:
   and for accumulating policies one query tile, at most `prompt.TILE_BYTES`
   -- `prompt_bytes`.
 
-On the CPU the held slots' gather and the packed copy are kept across
-calls (`kept_buffer`), sized by the longest prompt segment seen: at most
-``max_model_len * Hkv * (C + 2D)`` elements.
+On the CPU the packed copy (and, where a segment's slots are too scattered
+to pack from the page in place, the held slots' gather) and the kept slots'
+copy at a prompt's end are kept across calls (`kept_buffer`), sized by the
+longest prompt segment seen: at most ``max_model_len * Hkv * (2C + 2D)``
+elements.
 
 vLLM sizes its KV pool from a profile run that passes no attention metadata,
 where this backend computes nothing. So that the profile still counts the

@@ -83,16 +83,45 @@ def keep_top(priority: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices (ascending) of the ``keep`` slots to keep along the last dim.
 
     Evicts the ``n - keep`` lowest priorities; ties evict the lowest index
-    first (a stable ascending sort), so it keeps exactly what `evict_one`
-    applied ``n - keep`` times to fixed priorities keeps.
+    first, so it keeps exactly what `evict_one` applied ``n - keep`` times to
+    fixed priorities keeps. On the CPU by a threshold (`keep_top_threshold`:
+    a selection, no sort); elsewhere by a stable sort (`keep_top_sorted`).
     """
     n = priority.shape[-1]
     if keep >= n:
         shape = (*priority.shape[:-1], n)
         return torch.arange(n, device=priority.device).expand(shape).clone()
+    if priority.device.type == "cpu":
+        return keep_top_threshold(priority, keep)
+    return keep_top_sorted(priority, keep)
+
+
+def keep_top_sorted(priority: torch.Tensor, keep: int) -> torch.Tensor:
+    """`keep_top` by a stable ascending sort (``keep < n``)."""
+    n = priority.shape[-1]
     order = torch.sort(priority, dim=-1, stable=True).indices
     kept = order[..., n - keep :]
     return torch.sort(kept, dim=-1).values
+
+
+def keep_top_threshold(priority: torch.Tensor, keep: int) -> torch.Tensor:
+    """`keep_top` without a sort (``keep < n``): the ``e = n - keep``-th
+    lowest priority ``v`` splits the slots; all below ``v`` go, and of those
+    equal to ``v`` the lowest indices go until ``e`` have; the rest, in index
+    order, are kept. Without a tie at ``v`` (the usual case) that is just
+    the slots above ``v``: five operations, where two sorts took four times
+    as long on the CPU at 2,112 slots."""
+    n = priority.shape[-1]
+    evict = n - keep
+    if evict == n:
+        return torch.empty((*priority.shape[:-1], 0), dtype=torch.long, device=priority.device)
+    v = torch.kthvalue(priority, evict, dim=-1, keepdim=True).values
+    kept = priority > v
+    if int(kept.sum()) != keep * (kept.numel() // n):  # a tie at v in some row
+        equal = priority == v
+        below = (priority < v).sum(dim=-1, keepdim=True)
+        kept |= equal & (equal.cumsum(dim=-1) > evict - below)
+    return kept.nonzero()[:, -1].view(*priority.shape[:-1], keep)
 
 
 def margin(priority: torch.Tensor, chosen: int, other: int) -> dict[str, float]:
