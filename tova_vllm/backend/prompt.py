@@ -38,17 +38,20 @@ TILE_BYTES = 32 << 20
 
 
 def write_segment(layer, seg: PromptSegment, key, value, view: SlotView) -> None:
-    """The segment's K|V|side into its slots: three copies into one range of
+    """The segment's K|V|side into its slots: straight into one range of
     slots where they lie in one (the usual case), else one indexed copy."""
     s, e = seg.plan.tok_start, seg.plan.tok_end
     cd, dim = view.cache.dtype, layer.head_size
+    side = seg.side.expand(e - s, layer.num_kv_heads, -1)
     if seg.write_range is not None:
         dst = view.slots[seg.write_range[0] : seg.write_range[1]]
-        dst[..., :dim].copy_(key[s:e])
-        dst[..., dim : 2 * dim].copy_(value[s:e])
-        dst[..., 2 * dim :].copy_(seg.side)
+        if key.dtype == cd:
+            torch.cat((key[s:e], value[s:e], side), dim=-1, out=dst)
+        else:
+            dst[..., :dim].copy_(key[s:e])
+            dst[..., dim : 2 * dim].copy_(value[s:e])
+            dst[..., 2 * dim :].copy_(side)
         return
-    side = seg.side.expand(e - s, layer.num_kv_heads, -1)
     view.slots.index_copy_(0, seg.write_ids, torch.cat((key[s:e].to(cd), value[s:e].to(cd), side), dim=-1))
 
 
