@@ -1,14 +1,21 @@
 """The prompt path's CPU attention: vLLM's own CPU kernel over a packed copy
-of a segment's keys and values (`tova_vllm.backend.cpu_attention`), against
-PyTorch's SDPA in float64. No engine."""
+of a segment's keys and values (`tova_vllm.backend.cpu_attention`), packed
+straight from the page or from a gather, against PyTorch's SDPA and TOVA's
+selection in float64. No engine."""
 
 from __future__ import annotations
+
+import dataclasses
+import types
 
 import pytest
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
-from tova_vllm.backend import builder, cpu_attention
+from tova_vllm.backend import builder, cpu_attention, planning, prompt
+from tova_vllm.backend.slots import SlotView, side_elements
+from tova_vllm.policies import selection
+from tova_vllm.policies.tova import TOVA
 
 
 def test_vllm_cpu_attention_is_used_on_this_machine():
@@ -88,3 +95,58 @@ def test_attention_packed_from_page_spans_equals_sdpa(c):
     scores = packed.key_scores(q_last)
     assert scores.shape == (hkv, hq // hkv, n)
     assert (scores.double() - torch.einsum("hgd,nhd->hgn", q_last.double(), keys)).abs().max().item() < 1e-4
+
+
+def _segment_case(seed: int, ctx: int, c: int, budget: int):
+    """A TOVA page with a request's prompt in downward blocks (a cached
+    prompt's usual order), its kept region elsewhere, one reducing segment."""
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, dim, bs = 9, 3, 64, 16
+    cache = torch.randn(96, bs, hkv, 2 * dim + side_elements(torch.float32), generator=gen).transpose(1, 2)
+    cache[..., 2 * dim :] = 0
+    n_prompt = -(-(ctx + c) // bs)
+    blocks = list(range(80, 80 - n_prompt, -1)) + list(range(3, 3 + -(-budget // bs)))
+    table = torch.tensor(blocks, dtype=torch.int32).unsqueeze(0)
+    plan = planning.Segment(row=0, tok_start=0, tok_end=c, pos_start=ctx, ctx=ctx, reduce=True, budget=budget,
+                            group=0, dest_block=n_prompt)  # fmt: skip
+    seg = builder.build_segment(plan, table, bs, [TOVA()], torch.float32)
+    layer = types.SimpleNamespace(num_heads=hq, num_kv_heads=hkv, num_queries_per_kv=hq // hkv, head_size=dim,
+                                  scale=dim**-0.5, tp_size=1, head_mean=lambda p, dims: p.mean(dim=dims),
+                                  prefill_attention_impl=lambda *a: "portable")  # fmt: skip
+    q = torch.randn(c, hq, dim, generator=gen)
+    k, v = torch.randn(c, hkv, dim, generator=gen), torch.randn(c, hkv, dim, generator=gen)
+    return cache, seg, layer, q, k, v
+
+
+@pytest.mark.parametrize("ctx,c,budget", [(100, 20, 48), (37, 1, 32), (0, 50, 16)])
+def test_prompt_segment_packed_in_place_equals_gathered(ctx, c, budget):
+    """forward_segment packing straight from the page (spans) and from a
+    gather of the held slots give the same output and keep the same slots,
+    and both keep what float64 TOVA scores keep (random data: no near-ties)."""
+    results = []
+    for in_place in (True, False):
+        cache, seg, layer, q, k, v = _segment_case(ctx + c, ctx, c, budget)
+        assert seg.page_spans is not None
+        if not in_place:
+            seg = dataclasses.replace(seg, page_spans=None)
+        view = SlotView(cache, layer.head_size)
+        out = torch.zeros(c, layer.num_heads, layer.head_size)
+        before = view.slots.clone()
+        prompt.forward_segment(layer, seg, q, k, v, view, out)
+        results.append((out, view.slots[seg.dest_ids].clone(), before))
+    (out_a, kept_a, before), (out_b, kept_b, _) = results
+    assert torch.equal(out_a, out_b) and torch.equal(kept_a, kept_b)
+    dim, hkv = layer.head_size, layer.num_kv_heads
+    keys = torch.cat((before[seg.ctx_ids, :, :dim], k)).double()  # [n, Hkv, D]
+    values = torch.cat((before[seg.ctx_ids, :, dim : 2 * dim], v)).double()
+    n = ctx + c
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double().transpose(0, 1), keys.repeat_interleave(3, 1).transpose(0, 1),
+        values.repeat_interleave(3, 1).transpose(0, 1), attn_mask=causal_lower_right(c, n), scale=dim**-0.5,
+    ).transpose(0, 1)  # fmt: skip
+    assert (out_a.double() - want).abs().max().item() < 1e-5
+    probs = torch.softmax(torch.einsum("hgd,nhd->hgn", q[-1].double().view(hkv, 3, dim), keys) * dim**-0.5, -1)
+    kept = selection.keep_top(probs.mean(dim=(0, 1)), min(budget, n))
+    assert torch.equal(kept_a[:, :, : 2 * dim].double(), torch.cat((keys, values), dim=-1)[kept])
+    positions = torch.cat((torch.zeros(ctx, dtype=torch.long), torch.arange(ctx, n)))[kept]
+    assert torch.equal(kept_a[:, 0, 2 * dim :].contiguous().view(torch.int32)[:, 0].long(), positions)

@@ -262,20 +262,21 @@ def build_segment(
         dest = row_slot_ids(row, torch.arange(first, first + min(n, s.budget), device=dev), block_size)
     positions = torch.arange(s.pos_start, s.pos_start + s.length, device=dev)
     writes = ids[s.ctx :]
+    cpu = dev.type == "cpu"  # the ranges and spans read ids on the host (no device syncs on CUDA)
     return PromptSegment(
         plan=s,
         policy=group_policies[s.group],
         positions=positions,
         side=encode_side(positions, cache_dtype).unsqueeze(1),
-        write_range=slot_range(writes),
+        write_range=slot_range(writes) if cpu else None,
         all_ids=ids,
         write_ids=writes,
         ctx_ids=ids[: s.ctx],
         dest_ids=dest,
-        dest_range=slot_range(dest) if dest is not None else None,
+        dest_range=slot_range(dest) if cpu and dest is not None else None,
         budget=torch.tensor([s.budget], device=dev) if s.reduce else None,
         valid=torch.ones(1, 1, n, dtype=torch.bool, device=dev) if s.reduce else None,
-        page_spans=page_spans(ids) if dev.type == "cpu" else None,
+        page_spans=page_spans(ids) if cpu else None,
         table_row=block_table[s.row : s.row + 1].to(torch.int32) if dev.type == "cuda" else None,
     )
 
