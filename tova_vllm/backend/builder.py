@@ -10,6 +10,7 @@ per layer and not per row.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -312,13 +313,13 @@ def page_spans(ids: torch.Tensor) -> tuple[tuple[int, int, torch.Tensor], ...] |
     cuts = (torch.nonzero(values[1:] - values[:-1] > SPAN_GAP).flatten() + 1).tolist()
     if len(cuts) >= MAX_PAGE_SPANS:
         return None
-    bounds = [0, *cuts, n]
-    edges = values[[i for b in zip(bounds[:-1], bounds[1:]) for i in (b[0], b[1] - 1)]].tolist()
+    pieces = list(itertools.pairwise([0, *cuts, n]))  # [a, b) of the sorted slots
+    edges = values[[i for a, b in pieces for i in (a, b - 1)]].tolist()
     los, his = edges[0::2], [e + 1 for e in edges[1::2]]
     if sum(his) - sum(los) > SPAN_SLACK * n:
         return None
     spans = []
-    for a, b, lo, hi in zip(bounds[:-1], bounds[1:], los, his):
+    for (a, b), lo, hi in zip(pieces, los, his):
         slots = torch.full((hi - lo,), -1, dtype=torch.long)
         slots[values[a:b] - lo] = tokens[a:b]
         spans.append((lo, hi, slots))
