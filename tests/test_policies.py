@@ -363,6 +363,11 @@ def test_keep_top_threshold_equals_sorted(rows, values, data):
     assert torch.equal(selection.keep_top_threshold(pri, keep), selection.keep_top_sorted(pri, keep))
 
 
+def test_keep_top_threshold_with_nan_keeps_what_the_sort_keeps():
+    pri = torch.tensor([[0.5, float("nan"), 0.1, 0.9, 0.3]])
+    assert torch.equal(selection.keep_top_threshold(pri, 2), selection.keep_top_sorted(pri, 2))
+
+
 @given(priorities, st.data())
 def test_evict_one_is_the_lowest_then_the_first(pri, data):
     n = pri.numel()

@@ -117,10 +117,13 @@ def keep_top_threshold(priority: torch.Tensor, keep: int) -> torch.Tensor:
         return torch.empty((*priority.shape[:-1], 0), dtype=torch.long, device=priority.device)
     v = torch.kthvalue(priority, evict, dim=-1, keepdim=True).values
     kept = priority > v
-    if int(kept.sum()) != keep * (kept.numel() // n):  # a tie at v in some row
+    total = keep * (kept.numel() // n)
+    if int(kept.sum()) != total:  # a tie at v in some row
         equal = priority == v
         below = (priority < v).sum(dim=-1, keepdim=True)
         kept |= equal & (equal.cumsum(dim=-1) > evict - below)
+        if int(kept.sum()) != total:  # NaN (no order): as the sort orders it
+            return keep_top_sorted(priority, keep)
     return kept.nonzero()[:, -1].view(*priority.shape[:-1], keep)
 
 
