@@ -62,11 +62,11 @@ def _check(name: str, dtype: torch.dtype, head_size: int) -> None:
     v = torch.randn(ctx + c, hkv, head_size, generator=gen).to(dtype)
     # Packed as the engine packs from the page: a span whose rows are the
     # held tokens out of order, with rows to skip (-1) holding NaN.
-    span_k, span_v = torch.full((ctx + 3, hkv, head_size), float("nan"), dtype=dtype), torch.zeros_like(k[:ctx + 3])
-    span_v.fill_(float("nan"))
-    order = torch.randperm(ctx, generator=gen)
+    span_k = torch.full((ctx + 3, hkv, head_size), float("nan"), dtype=dtype)
+    span_v = torch.full_like(span_k, float("nan"))
+    order = torch.randperm(ctx, generator=gen)  # token i in span row 3 + order[i]
     span_k[3:][order], span_v[3:][order] = k[:ctx], v[:ctx]
-    slots = torch.cat((torch.full((3,), -1), torch.empty(ctx, dtype=torch.long).index_copy_(0, order, torch.arange(ctx))))
+    slots = torch.cat((torch.full((3,), -1), torch.argsort(order)))
     parts = [(span_k, span_v, slots), (k[ctx:], v[ctx:], torch.arange(ctx, ctx + c))]
     got = attend_packed(q, pack(parts, ctx + c, dtype, name), head_size**-0.5).float()
     from torch.nn.attention.bias import causal_lower_right

@@ -25,6 +25,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from tova_vllm.backend import cpu_attention, workspace
@@ -125,10 +127,8 @@ def _pack(layer, seg: PromptSegment, k, v, held: _Held, view: SlotView, isa: str
             parts.append((span[..., :dim], span[..., dim : 2 * dim], slots))
         return cpu_attention.pack(parts, n, k.dtype, isa)
     ctx = held.get()
-    if ctx is None:
-        return cpu_attention.pack(cpu_attention.in_order((k,), (v,)), n, k.dtype, isa)
-    parts = cpu_attention.in_order((ctx[..., :dim], k), (ctx[..., dim : 2 * dim], v))
-    return cpu_attention.pack(parts, n, k.dtype, isa)
+    keys, values = ((k,), (v,)) if ctx is None else ((ctx[..., :dim], k), (ctx[..., dim : 2 * dim], v))
+    return cpu_attention.pack(cpu_attention.in_order(keys, values), n, k.dtype, isa)
 
 
 def _attend_torch(layer, q, k, v, ctx) -> torch.Tensor:
@@ -167,13 +167,11 @@ def _score_and_reduce(layer, seg: PromptSegment, q, k, held: _Held, view: SlotVi
     p, policy = seg.plan, seg.policy
     dim, hkv, group = layer.head_size, layer.num_kv_heads, layer.num_queries_per_kv
     all_ids = seg.all_ids
-    keys_cache = []
 
-    def keys() -> torch.Tensor:  # [n, Hkv, D], model dtype
-        if not keys_cache:
-            ctx = held.get()
-            keys_cache.append(k if ctx is None else torch.cat((ctx[..., :dim].to(q.dtype), k), dim=0))
-        return keys_cache[0]
+    @functools.cache
+    def keys() -> torch.Tensor:  # [n, Hkv, D], model dtype; built only if asked for
+        ctx = held.get()
+        return k if ctx is None else torch.cat((ctx[..., :dim].to(q.dtype), k), dim=0)
 
     state = None
     if policy.accumulates:
