@@ -2,7 +2,7 @@
 
     python -m benchmarks.builder_timing [--rows 8,64,256] [--budget 512] [--device cpu|cuda]
 
-Builds the real `TovaMetadataBuilder` (no engine: a stand-in model runner
+Builds the real `TovaMetadataBuilder` (no engine: a stand-in runner adapter
 holds the batch's requests) and times `build()` for a decode step of R rows,
 each past its budget (every row evicts): the host plan (NumPy), the one copy
 of the packed integers, and the few per-wave device operations. Also with
@@ -18,15 +18,27 @@ import time
 import types
 
 
+class _StandIn:
+    """The model runner's side (`tova_vllm.backend.runner_adapter`): a fixed batch."""
+
+    name = "stand-in"
+
+    def __init__(self, requests) -> None:
+        self.requests = requests
+
+    def batch(self, cm):
+        return self.requests
+
+
 def build_once_factory(rows: int, budget: int, device: str, mixed: bool):
     import numpy as np
     import torch
-    from vllm.sampling_params import SamplingParams
     from vllm.v1.attention.backend import CommonAttentionMetadata
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from tova_vllm.backend.backend import TovaAttentionBackend
     from tova_vllm.backend.builder import TovaMetadataBuilder
+    from tova_vllm.backend.runner_adapter import BatchRequests
     from tova_vllm.config import engine_settings
 
     bs, hkv, head = 16, 8, 128
@@ -40,12 +52,7 @@ def build_once_factory(rows: int, budget: int, device: str, mixed: bool):
     req_ids = [f"r{i}" for i in range(rows)]
     extra = [{"kv_policy": "window"} if mixed and i % 2 else None for i in range(rows)]
     builder.bind_runner(
-        types.SimpleNamespace(
-            requests={r: types.SimpleNamespace(sampling_params=SamplingParams(extra_args=e)) for r, e in zip(req_ids, extra)},
-            input_batch=types.SimpleNamespace(
-                req_ids=req_ids, num_prompt_tokens_cpu_tensor=torch.full((rows,), 100, dtype=torch.int32)
-            ),
-        )
+        _StandIn(BatchRequests(req_ids, np.full(rows, 100, dtype=np.int64), extra))
     )
     width = -(-budget // bs) + 64
     table = torch.arange(1, rows * width + 1, dtype=torch.int32).view(rows, width).to(dev)

@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+import model_runners
+
 # vLLM on the CPU reserves most of the RAM for the KV cache by default and
 # refuses to start when other processes hold memory; tests use a small cache.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -27,6 +29,34 @@ ENGINE_DEFAULTS = dict(
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        model_runners.OPTION,
+        choices=("default", "v2"),
+        default="default",
+        help="vLLM model runner of the engine tests: the one vLLM picks (every test), or "
+        f"Model Runner V2 under Triton's interpreter (the tests marked {model_runners.MARKER} only)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{model_runners.MARKER}: also run on Model Runner V2 (pytest {model_runners.OPTION}=v2)"
+    )
+    if config.getoption(model_runners.OPTION) == "v2":
+        model_runners.use_v2()
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption(model_runners.OPTION) != "v2":
+        return
+    selected = [item for item in items if item.get_closest_marker(model_runners.MARKER)]
+    deselected = [item for item in items if not item.get_closest_marker(model_runners.MARKER)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     from tova_vllm.models import default_model
@@ -41,6 +71,7 @@ def vllm_engine(model: str, **kwargs):
 
     llm = LLM(model=model, **{**ENGINE_DEFAULTS, **kwargs})
     try:
+        model_runners.check_runner(llm)
         yield llm
     finally:
         with contextlib.suppress(Exception):

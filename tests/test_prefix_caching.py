@@ -25,6 +25,7 @@ import contextlib
 import pytest
 import torch
 from conftest import vllm_engine
+from model_runners import scaled
 from parity_diagnosis import engine_kept, first_divergence
 from vllm import SamplingParams
 
@@ -34,7 +35,7 @@ from tova_vllm.reference import generate_greedy
 
 BLOCK = 16
 ENGINE = {"kv_policy": "tova", "kv_budget": 80}
-MAX_TOKENS = 32
+MAX_TOKENS = scaled(32, 8)
 SYSTEM = (
     "You are the librarian of a small harbour town. You answer questions about the town's "
     "history, its lighthouse, its fishing fleet and its annual regatta. You are precise, you "
@@ -179,6 +180,7 @@ def runs(warm, prompts, request):
     return results
 
 
+@pytest.mark.runner_v2
 def test_hits_are_the_cached_whole_blocks(runs, prompts):
     """Each request hits the longest prefix the seed or an earlier request of
     the batch wrote (vLLM looks a waiting request up only after every earlier
@@ -201,6 +203,7 @@ def test_hits_are_the_cached_whole_blocks(runs, prompts):
     assert cold["hits"] == 0 and all(o.num_cached_tokens == 0 for o in cold["outs"].values())
 
 
+@pytest.mark.runner_v2
 def test_cached_runs_give_the_tokens_of_cold_runs_and_of_the_reference(runs, prompts, hf_model):
     engine = engine_settings(ENGINE)
     report = {}
@@ -213,12 +216,14 @@ def test_cached_runs_give_the_tokens_of_cold_runs_and_of_the_reference(runs, pro
     assert not report, report
 
 
+@pytest.mark.runner_v2
 def test_the_pool_returns_to_idle(runs):
     for name in ("warm", "cold"):
         before, after = runs[name]["idle"]
         assert before == after, name
 
 
+@pytest.mark.runner_v2
 def test_kept_positions_of_a_warm_prompt_equal_a_cold_one_and_no_kept_block_is_hashed(warm, cold, prompts, runs):
     """Step by step, every layer keeps the same positions after a prefix hit
     as without one; meanwhile the prompt region's full blocks are hashed and

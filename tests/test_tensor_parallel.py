@@ -26,6 +26,7 @@ import pickle
 import pytest
 import torch
 from conftest import ENGINE_DEFAULTS, vllm_engine
+from model_runners import scaled
 from vllm import SamplingParams
 
 from tova_vllm.config import engine_settings_of
@@ -33,7 +34,7 @@ from tova_vllm.inspect import blocks_at_release
 from tova_vllm.policies import TOVA
 
 BUDGET = 40
-MAX_TOKENS = 40
+MAX_TOKENS = scaled(40, 16)
 BLOCK = 16  # the block size a policy defaults to
 TINY = dict(
     hidden_size=256,
@@ -83,7 +84,8 @@ def prompt_ids(model_path, chat_prompts) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_path)
-    return [tok(p, add_special_tokens=False).input_ids for p in chat_prompts]
+    # All eight prompts (33 to 214 tokens), or on V2 one shorter and two longer than the budget.
+    return [tok(chat_prompts[i], add_special_tokens=False).input_ids for i in scaled(range(8), (0, 5, 6))]
 
 
 @contextlib.contextmanager
@@ -122,6 +124,7 @@ def tp_runs(tiny_llama, prompt_ids):
     return {tp: _generate(tiny_llama, prompt_ids, tp) for tp in (1, 2)}
 
 
+@pytest.mark.runner_v2
 def test_tp2_greedy_tokens_match_tp1(tp_runs, prompt_ids):
     lengths = [len(p) for p in prompt_ids]
     # Prompts both longer and shorter than the budget; all generations cross it.
@@ -139,6 +142,7 @@ def test_tp2_greedy_tokens_match_tp1(tp_runs, prompt_ids):
     assert not diverged, f"TP=2 differs from TP=1; first divergent output token: {diverged}"
 
 
+@pytest.mark.runner_v2
 def test_tp2_block_usage_matches_tp1(tp_runs, prompt_ids):
     blocks1, blocks2 = tp_runs[1][1], tp_runs[2][1]
     assert None not in blocks1 and None not in blocks2

@@ -533,9 +533,37 @@ def test_a_seam_whose_target_changed_shape_fails_loudly():
     )
 
 
+def test_a_replacement_that_refuses_a_call_vllm_accepts_fails_at_load():
+    """vLLM 0.33 added ``max_cache_hit_length`` to ``get_computed_blocks``:
+    a wrapper written as ``(self, request)`` must fail when it is installed,
+    not at the first scheduling step."""
+    from tova_vllm.patch._seam import SeamError, replace, unaccepted
+
+    class Manager:
+        def get_computed_blocks(self, request, max_cache_hit_length=None):
+            return request, max_cache_hit_length
+
+    def narrow(self, request):
+        return request
+
+    original = Manager.get_computed_blocks
+
+    def forwards(self, request, *args, **kwargs):
+        return original(self, request, *args, **kwargs)
+
+    assert unaccepted(narrow, original) == ["max_cache_hit_length"]
+    assert unaccepted(forwards, original) == []
+    with pytest.raises(SeamError, match="max_cache_hit_length"):
+        replace(Manager, "get_computed_blocks", original, narrow)
+    assert Manager.get_computed_blocks is original
+    replace(Manager, "get_computed_blocks", original, forwards)
+    assert Manager().get_computed_blocks("r", 7) == ("r", 7)
+
+
 def _seam_targets() -> dict[str, object]:
     from vllm.model_executor.layers.attention import attention as attention_module
     from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as GPUModelRunnerV2
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     def static(owner, attr):
@@ -550,6 +578,8 @@ def _seam_targets() -> dict[str, object]:
         "EngineArgs.create_engine_config": static(EngineArgs, "create_engine_config"),
         "get_attn_backend": static(attention_module, "get_attn_backend"),
         "GPUModelRunner.initialize_metadata_builders": static(GPUModelRunner, "initialize_metadata_builders"),
+        "GPUModelRunner (V2).initialize_kv_cache": static(GPUModelRunnerV2, "initialize_kv_cache"),
+        "GPUModelRunner (V2).execute_model": static(GPUModelRunnerV2, "execute_model"),
         "EngineCore.tova_kv_state": static(EngineCore, "tova_kv_state"),
     }
 

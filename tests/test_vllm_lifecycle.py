@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import vllm_engine
+from model_runners import scaled
 from vllm import SamplingParams
 
 from tova_vllm.inspect import blocks_at_release, engine_kv_state
@@ -33,6 +34,7 @@ def _idle(llm) -> dict:
     return state
 
 
+@pytest.mark.runner_v2
 def test_block_size_pool_and_concurrency(llm):
     state = _idle(llm)
     assert state["policy_groups"] == 1
@@ -63,6 +65,7 @@ def test_finished_requests_return_blocks_and_hold_the_cap(llm, chat_prompts):
     assert long_prompt_seen, "the prompts must include some longer than the budget"
 
 
+@pytest.mark.runner_v2
 def test_aborted_requests_return_blocks(llm, chat_prompts):
     free0 = _idle(llm)["num_free_blocks"]
     engine = llm.llm_engine
@@ -83,14 +86,16 @@ def test_aborted_requests_return_blocks(llm, chat_prompts):
     assert _idle(llm)["num_free_blocks"] == free0
 
 
+@pytest.mark.runner_v2
 def test_no_per_request_worker_state_remains(llm, chat_prompts):
     llm.generate(_ids(llm.get_tokenizer(), chat_prompts[:3]), SamplingParams(max_tokens=5), use_tqdm=False)
 
     def worker_state(worker):
-        runner = worker.model_runner
-        return len(runner.requests), runner.input_batch.num_reqs
+        from tova_vllm.patch.model_runner import adapter_of
 
-    assert llm.collective_rpc(worker_state) == [(0, 0)]
+        return adapter_of(worker.model_runner).live_request_ids()
+
+    assert llm.collective_rpc(worker_state) == [[]]
 
 
 def _num_preemptions(llm) -> float:
@@ -100,6 +105,7 @@ def _num_preemptions(llm) -> float:
     raise AssertionError("vllm:num_preemptions metric not found")
 
 
+@pytest.mark.runner_v2
 def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, chat_prompts, llm):
     """A pool too small for every request's cap forces preemption (recompute)."""
     tok = llm.get_tokenizer()
@@ -108,7 +114,7 @@ def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, 
     # recompute is checked.
     prompts = _ids(tok, chat_prompts[:6])
     params = [
-        SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True, extra_args=extra)
+        SamplingParams(temperature=0.0, max_tokens=scaled(70, 40), ignore_eos=True, extra_args=extra)
         for extra in (None, {"kv_policy": "h2o"}, {"kv_policy": "window"}, {"kv_policy": "sink"},
                       {"kv_policy": "keydiff", "kv_budget": 60},
                       {"kv_budget": 40, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 16})

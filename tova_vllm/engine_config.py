@@ -3,7 +3,6 @@ starts the engine (before any engine or worker process exists)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from vllm.logger import init_logger
@@ -57,15 +56,6 @@ def tensor_parallel_unsupported_reason(vllm_config: Any, policy_cls: type) -> st
             "attention, by position or by keys work)"
         )
     return None
-
-
-def pin_v1_model_runner() -> None:
-    """The TOVA builder learns prompt lengths from the V1 model runner
-    (tova_vllm.patch.model_runner); CUDA defaults to Model Runner V2. Set
-    before the VllmConfig is built (it reads this while it initialises);
-    engine and worker processes inherit this process's environment."""
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
 def requested_cudagraph_mode(compilation_config: Any) -> str | None:
@@ -141,7 +131,6 @@ def prepare_vllm_config(vllm_config: Any, requested_cudagraph: str | None = None
     cache_config = vllm_config.cache_config
     if cache_config.enable_prefix_caching:
         _log_prefix_caching()
-    pin_v1_model_runner()
     if not getattr(cache_config, "user_specified_block_size", True):
         # A request keeps `budget` slots; small blocks waste less of the last
         # one (the TOVA backend takes any block size).

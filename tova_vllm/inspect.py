@@ -50,19 +50,21 @@ def _kept_positions_on_worker(worker: Any, request_id: str) -> dict[str, Any] | 
     from tova_vllm.backend.planning import MODE_CODES, prompt_region_blocks
     from tova_vllm.backend.slots import SlotView, row_slot_ids
     from tova_vllm.config import engine_settings_of, request_settings
+    from tova_vllm.patch.model_runner import adapter_of
 
     runner = worker.model_runner
-    batch = runner.input_batch
-    if request_id not in batch.req_id_to_index:  # engine ids may carry a suffix after the user's
-        request_id = next((r for r in batch.req_id_to_index if r.startswith(f"{request_id}-")), request_id)
-    row = batch.req_id_to_index[request_id]
-    state = runner.requests[request_id]
-    if not state.output_token_ids:
+    requests = adapter_of(runner)
+    live = requests.live_request_ids()
+    if request_id not in live:  # engine ids may carry a suffix after the user's
+        request_id = next((r for r in live if r.startswith(f"{request_id}-")), request_id)
+    state = requests.request(request_id)
+    if state is None:
+        raise KeyError(f"request {request_id!r} is not running")
+    if state.computed_tokens < state.prompt_len:
         return None
-    tokens = state.num_prompt_tokens + len(state.output_token_ids) - 1
-    settings = request_settings(engine_settings_of(runner.vllm_config), state.sampling_params.extra_args)
+    tokens = state.computed_tokens
+    settings = request_settings(engine_settings_of(runner.vllm_config), state.extra_args)
     held = min(tokens, settings.budget)
-    block_row = torch.from_numpy(batch.block_table.block_tables[0].block_table.np[row].copy())
     caching = bool(runner.vllm_config.cache_config.enable_prefix_caching)
     layers = {}
     for name, module in runner.compilation_config.static_forward_context.items():
@@ -72,11 +74,11 @@ def _kept_positions_on_worker(worker: Any, request_id: str) -> dict[str, Any] | 
         cache = module.kv_cache[0] if isinstance(module.kv_cache, (list, tuple)) else module.kv_cache
         view = SlotView(cache, impl.head_size)
         first = view.block_size * prompt_region_blocks(
-            state.num_prompt_tokens, view.block_size, MODE_CODES[settings.prompt_mode],
+            state.prompt_len, view.block_size, MODE_CODES[settings.prompt_mode],
             settings.policy.prefix_cacheable, caching,
         )  # fmt: skip  (the kept region's first slot)
         slots = torch.arange(first, first + held, device=cache.device)
-        ids = row_slot_ids(block_row.to(cache.device), slots, view.block_size)
+        ids = row_slot_ids(state.block_row.to(cache.device), slots, view.block_size)
         pos = view.positions[ids].T.cpu()  # [Hkv, held]
         layers[name] = [sorted(p.tolist()) for p in pos]
     return {"tokens": tokens, "layers": layers}

@@ -25,6 +25,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from tova_vllm.backend import planning
 from tova_vllm.backend.metadata import DecodeWave, PolicyGroup, PromptSegment, TovaMetadata
+from tova_vllm.backend.runner_adapter import RunnerAdapter
 from tova_vllm.backend.slots import SINK_SLOT, encode_side, row_slot_ids, slot_ids
 from tova_vllm.config import KVSettings, PolicyConfigError, request_settings
 from tova_vllm.policies import EvictionPolicy
@@ -68,23 +69,21 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             cache_dtype=self.cache_dtype,
             cuda_fast_path=device.type == "cuda" and cuda_fast_path_enabled(),
         )
-        # Bound by the model-runner seam: the runner's input batch holds each
-        # request's prompt length, which CommonAttentionMetadata lacks, and its
-        # requests' sampling params (per-request settings).
-        self.runner = None
+        # Bound by the model-runner seam: which request each row is, its
+        # prompt length and its settings (CommonAttentionMetadata lacks them),
+        # from whichever model runner vLLM runs (`runner_adapter`).
+        self.runner: RunnerAdapter | None = None
         self._requests: dict[str, tuple[object, KVSettings]] = {}
         self._group_ids: dict[EvictionPolicy, int] = {}
         self._group_policies: list[EvictionPolicy] = []
         self._pinned: torch.Tensor | None = None
 
-    def bind_runner(self, runner) -> None:
+    def bind_runner(self, runner: RunnerAdapter) -> None:
         self.runner = runner
 
     # -- per request ---------------------------------------------------------
 
-    def _settings(self, req_id: str) -> KVSettings:
-        params = self.runner.requests[req_id].sampling_params
-        extra = params.extra_args if params is not None else None
+    def _settings(self, req_id: str, extra: dict | None) -> KVSettings:
         cached = self._requests.get(req_id)
         if cached is not None and cached[0] is extra:
             return cached[1]
@@ -117,17 +116,20 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
                 "tova-vllm: the TOVA metadata builder has no model runner bound; "
                 "the model-runner seam (tova_vllm.patch.model_runner) did not run"
             )
+        requests = self.runner.batch(cm)
+        if requests is None:  # a dummy run (profiling, warm-up, graph capture)
+            return TovaMetadata.dummy(cm.num_actual_tokens)
         n = cm.num_reqs
         query_start = cm.query_start_loc_cpu[: n + 1].numpy().astype(np.int64)
         seq_lens = cm.seq_lens_cpu_upper_bound
         seq_lens = (seq_lens if seq_lens is not None else cm.seq_lens.cpu())[:n].numpy().astype(np.int64)
         num_computed = seq_lens - np.diff(query_start)
-        req_ids = self.runner.input_batch.req_ids[:n]
-        settings = [self._settings(r) for r in req_ids]
+        req_ids = requests.req_ids
+        settings = [self._settings(r, extra) for r, extra in zip(req_ids, requests.extra_args)]
         if len(self._requests) > 2 * max(n, 64):  # forget requests that left
             live = set(req_ids)
             self._requests = {k: v for k, v in self._requests.items() if k in live}
-        num_prompt = self.runner.input_batch.num_prompt_tokens_cpu_tensor[:n].numpy().astype(np.int64)
+        num_prompt = requests.prompt_lens
         modes = np.fromiter((planning.MODE_CODES[s.prompt_mode] for s in settings), np.int64, n)
         regions = np.zeros(n, dtype=np.int64)
         if self.prefix_caching:

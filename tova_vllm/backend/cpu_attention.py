@@ -86,7 +86,7 @@ def _schedule(c: int, n: int, hq: int, hkv: int, dim: int, dtype: torch.dtype, n
     """The kernel's inputs that depend on the shapes only (query start, length,
     its work schedule, the block table of the packed copy): the same for every
     layer of a step, so computed once per segment shape."""
-    from vllm import _custom_ops as ops
+    ops = _ops()
     from vllm import envs
 
     query_start = torch.tensor([0, c], dtype=torch.int32)
@@ -150,7 +150,7 @@ def pack(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int, d
     ``(keys, values, slots)``: ``[t, Hkv, D]`` each (strided views of the
     TOVA page are fine) and, per row, its token's place ``0 .. n - 1`` in the
     segment or -1 for a row to skip (`PromptSegment.page_spans`)."""
-    from vllm import _custom_ops as ops
+    ops = _ops()
 
     hkv, dim = parts[0][0].shape[1], parts[0][0].shape[2]
     dev = parts[0][0].device
@@ -191,7 +191,7 @@ def attend_packed(q: torch.Tensor, packed: Packed, scale: float, out: torch.Tens
     """``[c, Hq, D]``: the ``c`` queries ``q`` over the packed tokens, causal
     with the queries as the last ``c``; written into ``out`` when given
     (contiguous, the queries' dtype)."""
-    from vllm import _custom_ops as ops
+    ops = _ops()
 
     c, hq, dim = q.shape
     hkv = packed.key_cache.shape[1]
@@ -215,3 +215,13 @@ def attend(q: torch.Tensor, keys: tuple[torch.Tensor, ...], values: tuple[torch.
     `attend_packed`)."""
     n = sum(k.shape[0] for k in keys)
     return attend_packed(q, pack(in_order(keys, values), n, q.dtype, name), scale, out)
+
+
+def _ops():
+    """vLLM's CPU attention ops: ``vllm._cpu_ops`` from vLLM 0.34,
+    ``vllm._custom_ops`` before."""
+    try:
+        from vllm import _cpu_ops as ops
+    except ImportError:
+        from vllm import _custom_ops as ops
+    return ops

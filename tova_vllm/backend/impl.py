@@ -124,9 +124,10 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
     ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("TOVA backend: fused output quantization")
-        if attn_metadata is None:
-            # Profile and dummy runs: a defined output (as vLLM's FlashAttention
-            # backend does), so nothing downstream (MoE routing) sees garbage;
+        if attn_metadata is None or attn_metadata.is_dummy:
+            # Profile and dummy runs (Model Runner V1 passes no metadata, V2 a
+            # dummy one): a defined output (as vLLM's FlashAttention backend
+            # does), so nothing downstream (MoE routing) sees garbage;
             # and, once, the backend's worst-case workspace, so that vLLM's
             # profiled peak (what it sizes the KV pool from) includes it.
             if not self._profiled and output.is_cuda and self._workspace is not None:

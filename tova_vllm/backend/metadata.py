@@ -78,3 +78,10 @@ class TovaMetadata:
     num_actual_tokens: int
     segments: list[PromptSegment]
     waves: list[DecodeWave]
+    # A dummy run's (profiling, warm-up, CUDA-graph capture): its rows belong
+    # to no request, so nothing is written to the cache.
+    is_dummy: bool = False
+
+    @classmethod
+    def dummy(cls, num_actual_tokens: int) -> TovaMetadata:
+        return cls(num_actual_tokens=num_actual_tokens, segments=[], waves=[], is_dummy=True)

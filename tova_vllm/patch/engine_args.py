@@ -46,11 +46,7 @@ SEAM = "engine_args"
 
 def _fold(engine_args: Any, settings: dict[str, Any]) -> None:
     merged = merge_settings(_settings_dict(engine_args.additional_config), **settings)
-    # Validate now, in the process the user started.
-    if engine_settings(merged) is not None:
-        from tova_vllm.engine_config import pin_v1_model_runner
-
-        pin_v1_model_runner()
+    engine_settings(merged)  # validate now, in the process the user started
     engine_args.additional_config = merged
 
 

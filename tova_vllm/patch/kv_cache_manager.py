@@ -13,8 +13,8 @@ params, its state) and the per-type managers, which get request ids only:
   in the per-policy stats) or was preempted, and its committed tokens.
 * ``get_computed_blocks`` (the prefix-cache lookup): a request without a
   prompt region (its policy is not prefix-cacheable, or its prompt is chunked
-  or streamed) skips the lookup (``skip_reading_prefix_cache``, so vLLM does
-  not count it either); a resumed request's hit stops before its prompt's
+  or streamed) skips the lookup (``skip_reading_prefix_cache``, from vLLM 0.34
+  ``prefix_cache_hit_limit = 0``, so vLLM does not count it either); a resumed request's hit stops before its prompt's
   last block (blocks past a prompt may hold another request's full-attention
   K/V, and the prompt's end must run again to reduce it).
 
@@ -64,6 +64,19 @@ def _note_request(managers: list, request: Any) -> None:
         manager.note_request(request.request_id, settings, request.num_prompt_tokens)
 
 
+def _skip_prefix_cache_reads(request: Any) -> None:
+    """Make vLLM's own lookup read nothing for ``request`` (and not count it)."""
+    if hasattr(request, "prefix_cache_hit_limit"):  # vLLM 0.34: 0 = no reads
+        request.prefix_cache_hit_limit = 0
+    elif hasattr(request, "skip_reading_prefix_cache"):  # vLLM 0.32-0.33
+        request.skip_reading_prefix_cache = True
+    else:
+        raise _seam.SeamError(
+            f"tova-vllm seam '{SEAM}': Request has neither prefix_cache_hit_limit nor "
+            f"skip_reading_prefix_cache; written for {_seam.SUPPORTED_VLLM_TEXT}."
+        )
+
+
 def apply() -> None:
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
@@ -77,16 +90,17 @@ def apply() -> None:
     lookup = _seam.expect_callable(KVCacheManager, "get_computed_blocks", ["self", "request"], SEAM)
     _seam.expect_callable(KVCacheManager, "truncate_computed_blocks", ["self", "blocks", "num_computed_tokens"], SEAM)
 
-    def get_computed_blocks(self, request):
+    def get_computed_blocks(self, request, *args, **kwargs):
+        # vLLM 0.33 added max_cache_hit_length (passed positionally).
         managers = tova_managers(self)
         if not managers:
-            return lookup(self, request)
+            return lookup(self, request, *args, **kwargs)
         if not managers[0].knows(request.request_id):
             _note_request(managers, request)
         if not managers[0].uses_prefix_cache(request.request_id):
-            request.skip_reading_prefix_cache = True
-            return lookup(self, request)
-        blocks, hit, boundary = lookup(self, request)
+            _skip_prefix_cache_reads(request)
+            return lookup(self, request, *args, **kwargs)
+        blocks, hit, boundary = lookup(self, request, *args, **kwargs)
         block_size = managers[0].block_size
         limit = (request.num_prompt_tokens - 1) // block_size * block_size
         if hit > limit:
