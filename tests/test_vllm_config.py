@@ -534,6 +534,8 @@ def test_a_seam_whose_target_changed_shape_fails_loudly():
 
 
 def _seam_targets() -> dict[str, object]:
+    from vllm.entrypoints.launchers import app as app_module
+    from vllm.entrypoints.serve.middleware import register as middleware_module
     from vllm.model_executor.layers.attention import attention as attention_module
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -551,6 +553,9 @@ def _seam_targets() -> dict[str, object]:
         "get_attn_backend": static(attention_module, "get_attn_backend"),
         "GPUModelRunner.initialize_metadata_builders": static(GPUModelRunner, "initialize_metadata_builders"),
         "EngineCore.tova_kv_state": static(EngineCore, "tova_kv_state"),
+        "init_entrypoints_middleware": static(middleware_module, "init_entrypoints_middleware"),
+        # build_app calls the name its module imported.
+        "app.init_entrypoints_middleware": static(app_module, "init_entrypoints_middleware"),
     }
 
 
