@@ -91,9 +91,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model_path: str, log: Path, *extra_args: str) -> Iterator[Server]:
+def running_server(model_path: str, log: Path, *extra_args: str, env: dict | None = None) -> Iterator[Server]:
     """`vllm serve MODEL *extra_args` on a free loopback port (float32, eager,
-    1 GiB of KV cache), once /health answers; stopped on exit."""
+    1 GiB of KV cache), once /health answers; stopped on exit. ``env`` adds
+    to the environment."""
     port = free_port()
     cmd = [
         VLLM_CLI, "serve", model_path, *extra_args,
@@ -106,7 +107,7 @@ def running_server(model_path: str, log: Path, *extra_args: str) -> Iterator[Ser
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})},
         )
     srv = Server(proc=proc, url=f"http://127.0.0.1:{port}", log=log, model=model_path)
     try:

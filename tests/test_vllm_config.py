@@ -561,6 +561,8 @@ def test_a_replacement_that_refuses_a_call_vllm_accepts_fails_at_load():
 
 
 def _seam_targets() -> dict[str, object]:
+    from vllm.entrypoints.launchers import app as app_module
+    from vllm.entrypoints.serve.middleware import register as middleware_module
     from vllm.model_executor.layers.attention import attention as attention_module
     from vllm.v1.engine.core import EngineCore
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner as GPUModelRunnerV2
@@ -581,6 +583,9 @@ def _seam_targets() -> dict[str, object]:
         "GPUModelRunner (V2).initialize_kv_cache": static(GPUModelRunnerV2, "initialize_kv_cache"),
         "GPUModelRunner (V2).execute_model": static(GPUModelRunnerV2, "execute_model"),
         "EngineCore.tova_kv_state": static(EngineCore, "tova_kv_state"),
+        "init_entrypoints_middleware": static(middleware_module, "init_entrypoints_middleware"),
+        # build_app calls the name its module imported.
+        "app.init_entrypoints_middleware": static(app_module, "init_entrypoints_middleware"),
     }
 
 

@@ -10,9 +10,19 @@ refuses; everything else goes on untouched. The engine-side check
 (`tova_vllm.patch.request_params`) still runs for every request, offline
 ones included.
 
-Installed through vLLM's own ``--middleware`` extension point: the
-``engine_args`` seam adds it to ``vllm serve``'s arguments when a policy is
-set (`MIDDLEWARE`).
+Where it runs: innermost, after every other middleware of the server and
+right in front of vLLM's routes (the seam
+`tova_vllm.patch.entrypoints_middleware` puts it there). So vLLM's API-key
+check (``--api-key`` / ``VLLM_API_KEY``) and any ``--middleware`` of the user
+answer first: a request they refuse is never read here, whatever its body.
+vLLM's own ``--middleware`` list cannot express that: vLLM adds those last, so
+they run before its authentication.
+
+What it reads: only a body vLLM's route would read as JSON itself, i.e. a
+POST to a path the app has a route for, with the media type vLLM's
+``validate_json_request`` accepts (``application/json``). A body that is not
+a JSON object, or whose ``vllm_xargs`` is not an object, goes on untouched,
+so vLLM gives it its own answer.
 """
 
 from __future__ import annotations
@@ -24,24 +34,15 @@ MIDDLEWARE = "tova_vllm.request_check.KVSettingsCheck"
 
 
 class KVSettingsCheck:
-    """ASGI middleware (see the module docstring)."""
+    """ASGI middleware (see the module docstring); ``engine`` is the server's
+    `tova_vllm.config.KVSettings`."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, engine: Any) -> None:
         self.app = app
-        self._engine = None
-        self._engine_known = False
-
-    def _engine_settings(self, scope: dict):
-        if not self._engine_known:
-            from tova_vllm.metrics import settings_from_cli_args
-
-            app = scope.get("app")
-            self._engine = settings_from_cli_args(getattr(getattr(app, "state", None), "args", None))
-            self._engine_known = True
-        return self._engine
+        self.engine = engine
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
+        if not _route_reads_json(scope):
             return await self.app(scope, receive, send)
         body, more, messages = b"", True, []
         while more:
@@ -51,7 +52,7 @@ class KVSettingsCheck:
                 break
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        error = self._check(scope, body) if b"vllm_xargs" in body else None
+        error = self._check(body) if b"vllm_xargs" in body else None
         if error is not None:
             return await _bad_request(send, *error)
         replay = iter(messages)
@@ -61,20 +62,39 @@ class KVSettingsCheck:
 
         await self.app(scope, replayed, send)
 
-    def _check(self, scope: dict, body: bytes) -> tuple[str, str] | None:
+    def _check(self, body: bytes) -> tuple[str, str] | None:
         try:
             xargs = json.loads(body).get("vllm_xargs")
         except (ValueError, AttributeError):
-            return None  # not JSON: vLLM answers that itself
+            return None  # not a JSON object: vLLM answers that itself
         if not isinstance(xargs, dict) or not any(isinstance(k, str) and k.startswith("kv_") for k in xargs):
             return None
         from tova_vllm.config import PolicyConfigError, request_settings
 
         try:
-            request_settings(self._engine_settings(scope), xargs)
+            request_settings(self.engine, xargs)
         except PolicyConfigError as e:
             return str(e), str(e).split(" ", 1)[0]
         return None
+
+
+def _route_reads_json(scope: dict) -> bool:
+    """Whether vLLM's own route would read this request's body as JSON."""
+    if scope["type"] != "http" or scope.get("method") != "POST":
+        return False
+    from starlette.datastructures import Headers
+    from starlette.routing import Match
+
+    # vLLM's validate_json_request, verbatim: anything else gets its 400.
+    content_type = Headers(scope=scope).get("content-type", "").lower()
+    if content_type.split(";", maxsplit=1)[0] != "application/json":
+        return False
+    routes = getattr(getattr(scope.get("app"), "router", None), "routes", None)
+    if routes is None:
+        return True  # not a Starlette app: everything around it has let the request through
+
+    # No route (a 404): vLLM reads nothing, neither does the check.
+    return any(route.matches(scope)[0] is Match.FULL for route in routes)
 
 
 async def _bad_request(send: Any, message: str, param: str) -> None:

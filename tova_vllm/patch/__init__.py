@@ -21,6 +21,9 @@ seams to vLLM itself). Each checks its target's shape and raises
   request validation (HTTP 400). (API process)
 * `metrics_route`: /metrics exports the policies' counters (tova_vllm.metrics),
   fetched from the engine core before each scrape. (API process)
+* `entrypoints_middleware`: the raw-JSON check of per-request settings
+  (`tova_vllm.request_check`) runs after vLLM's authentication and every
+  other middleware, right in front of the routes. (API process)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def apply_all() -> None:
         attention_selector,
         engine_args,
         engine_core,
+        entrypoints_middleware,
         kv_cache_manager,
         metrics_route,
         model_runner,
@@ -48,3 +52,4 @@ def apply_all() -> None:
     kv_cache_manager.apply()
     request_params.apply()
     metrics_route.apply()
+    entrypoints_middleware.apply()

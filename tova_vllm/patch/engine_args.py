@@ -14,9 +14,9 @@ Replaces, on ``vllm.engine.arg_utils.EngineArgs`` (and ``AsyncEngineArgs``):
   registry), with help text, to ``vllm serve`` and every CLI that builds
   engine arguments.
 * ``from_cli_args``: folds those flags into ``additional_config``; with a
-  policy, adds tova-vllm's request check (`tova_vllm.request_check`, the raw
-  JSON's ``vllm_xargs``) to ``vllm serve``'s ``--middleware`` list, vLLM's own
-  extension point for API-server middleware.
+  policy, for ``vllm serve``, makes sure the seam that adds tova-vllm's request
+  check (`tova_vllm.request_check`, the raw JSON's ``vllm_xargs``) behind
+  vLLM's authentication is in place (`tova_vllm.patch.entrypoints_middleware`).
 * ``create_engine_config``: checks the model is one the policy can handle,
   turns prefix caching off (kept slots depend on attention history, not on the
   token prefix) with one warning, warns once when the budget can never take
@@ -99,14 +99,15 @@ def _patch_add_cli_args(engine_args_cls: type) -> None:
     _seam.replace(engine_args_cls, "add_cli_args", original, add_cli_args, kind="staticmethod")
 
 
-def _add_request_check(args: argparse.Namespace) -> None:
-    """The server's arguments (``vllm serve`` has ``--middleware``) get the
-    raw-JSON check of per-request settings; other CLIs have no such list."""
-    from tova_vllm.request_check import MIDDLEWARE
+def _require_request_check(args: argparse.Namespace) -> None:
+    """The server's arguments (``vllm serve`` has ``--middleware``): its
+    raw-JSON check of per-request settings is added behind vLLM's
+    authentication by the ``entrypoints_middleware`` seam, which must be in
+    place; other CLIs build no API server."""
+    if isinstance(getattr(args, "middleware", None), list):
+        from tova_vllm.patch import entrypoints_middleware
 
-    middleware = getattr(args, "middleware", None)
-    if isinstance(middleware, list) and MIDDLEWARE not in middleware:
-        middleware.append(MIDDLEWARE)
+        entrypoints_middleware.ensure_applied()
 
 
 def _patch_from_cli_args(engine_args_cls: type) -> None:
@@ -118,7 +119,7 @@ def _patch_from_cli_args(engine_args_cls: type) -> None:
         engine_args = original(cls, args)
         _fold(engine_args, {key: getattr(args, key, None) for key in settings_keys()})
         if engine_settings(engine_args.additional_config) is not None:
-            _add_request_check(args)
+            _require_request_check(args)
         return engine_args
 
     _seam.replace(engine_args_cls, "from_cli_args", original, from_cli_args, kind="classmethod")
