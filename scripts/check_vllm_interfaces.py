@@ -386,8 +386,15 @@ INTERFACES: list[Interface] = [
               "sampling_params.py", cls="SamplingParams", members=("extra_args", "max_tokens")),
     Interface("EngineCoreRequest (what process_inputs returns)", "patch/request_params.check_fits",
               "v1/engine/__init__.py", cls="EngineCoreRequest", members=("prompt_token_ids", "sampling_params")),
-    Interface("--middleware list (request check)", "patch/engine_args.py, request_check.py",
-              "entrypoints/serve/middleware/register.py", text=(r"for middleware in args\.middleware:",)),
+    Interface("init_entrypoints_middleware (request check after authentication)",
+              "patch/entrypoints_middleware.py, request_check.py", "entrypoints/serve/middleware/register.py",
+              replaced={"init_entrypoints_middleware":
+                        "patch/entrypoints_middleware.py:_patch.init_entrypoints_middleware"},
+              text=(r"for middleware in args\.middleware:", r"AuthenticationMiddleware")),
+    Interface("build_app imports and calls init_entrypoints_middleware", "patch/entrypoints_middleware._rebind",
+              "entrypoints/launchers/app.py",
+              text=(r"import[^\n]*init_entrypoints_middleware|init_entrypoints_middleware,",
+                    r"init_entrypoints_middleware\(")),
     # -- engine-args seam -------------------------------------------------------------------------------------------
     Interface("EngineArgs fields and methods", "patch/engine_args.py", "engine/arg_utils.py", cls="EngineArgs",
               members=("additional_config", "compilation_config", *(f"!{k}" for k in PLUGIN_SETTINGS)),

