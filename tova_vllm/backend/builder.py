@@ -23,7 +23,7 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from tova_vllm.backend import planning
+from tova_vllm.backend import cpu_decode, planning
 from tova_vllm.backend.metadata import DecodeWave, PolicyGroup, PromptSegment, TovaMetadata
 from tova_vllm.backend.runner_adapter import RunnerAdapter
 from tova_vllm.backend.slots import SINK_SLOT, encode_side, row_slot_ids, slot_ids
@@ -62,12 +62,16 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
         self.engine: KVSettings = kv_cache_spec.engine_settings
         self.prefix_caching = kv_cache_spec.kv_prefix_caching
         self.device = device
+        parallel = getattr(vllm_config, "parallel_config", None)
         self.layout = WaveLayout(
             block_size=self.block_size,
             num_kv_heads=self.num_kv_heads,
             model_dtype=self.model_dtype,
             cache_dtype=self.cache_dtype,
             cuda_fast_path=device.type == "cuda" and cuda_fast_path_enabled(),
+            cpu_kernel=device.type == "cpu"
+            and cpu_decode.usable(self.model_dtype, self.cache_dtype, kv_cache_spec.head_size),
+            tensor_parallel_size=getattr(parallel, "tensor_parallel_size", 1),
         )
         # Bound by the model-runner seam: which request each row is, its
         # prompt length and its settings (CommonAttentionMetadata lacks them),
@@ -149,17 +153,36 @@ class TovaMetadataBuilder(AttentionMetadataBuilder[TovaMetadata]):
             regions,
         )
         block_table = cm.block_table_tensor[:n]
-        packed = self._to_device(plan.waves)
+        planned = self._by_path(plan.waves)
+        packed = self._to_device([w for w, _ in planned])
         waves, offset = [], 0
-        for w in plan.waves:
+        for w, on_cpu_kernel in planned:
             fields = packed[offset : offset + _WAVE_FIELDS * w.size].view(_WAVE_FIELDS, w.size)
             offset += _WAVE_FIELDS * w.size
-            waves.append(build_wave(w, fields, block_table, self.layout, self._group_policies))
+            waves.append(build_wave(w, fields, block_table, self.layout, self._group_policies, on_cpu_kernel))
         segments = [
             build_segment(s, block_table, self.block_size, self._group_policies, self.cache_dtype)
             for s in plan.segments
         ]
         return TovaMetadata(num_actual_tokens=cm.num_actual_tokens, segments=segments, waves=waves)
+
+    def _by_path(self, waves: list[planning.Wave]) -> list[tuple[planning.Wave, bool]]:
+        """Each wave, and whether it runs the CPU decode operator: a wave
+        whose policy groups it does not all implement is split, so that only
+        those groups' rows take the portable path."""
+        if not self.layout.cpu_kernel:
+            return [(w, False) for w in waves]
+        out = []
+        for w in waves:
+            take = {g for g, _, _ in w.groups if cpu_decode.implements(self._group_policies[g])}
+            if len(take) == len(w.groups):
+                out.append((w, True))
+            elif not take:
+                out.append((w, False))
+            else:
+                kernel, portable = planning.split_wave(w, take, self.block_size)
+                out += [(kernel, True), (portable, False)]
+        return out
 
     def _to_device(self, waves: list[planning.Wave]) -> torch.Tensor:
         """Every wave's per-row integers in one host buffer, one copy."""
@@ -185,6 +208,8 @@ class WaveLayout:
     model_dtype: torch.dtype
     cache_dtype: torch.dtype
     cuda_fast_path: bool = False
+    cpu_kernel: bool = False  # the CPU decode operator is usable (`cpu_decode.usable`)
+    tensor_parallel_size: int = 1
 
 
 def build_wave(
@@ -193,6 +218,7 @@ def build_wave(
     block_table: torch.Tensor,
     layout: WaveLayout,
     group_policies: list[EvictionPolicy],
+    on_cpu_kernel: bool = False,
 ) -> DecodeWave:
     """A wave's device tensors from its plan and its per-row integers
     (``fields``: ``[6, R]`` rows, tokens, positions, held, budgets, kept-region
@@ -216,7 +242,9 @@ def build_wave(
     cols = torch.arange(n + 1, device=dev)
     real = (cols < held[:, None]) | (cols == n)
     empty = (cols == held[:, None]) & (held < budgets)[:, None]
-    attn_bias = torch.zeros(real.shape, dtype=layout.model_dtype, device=dev).masked_fill_(~real, float("-inf"))
+    attn_bias = None
+    if not on_cpu_kernel:  # the CPU operator masks by each row's count itself
+        attn_bias = torch.zeros(real.shape, dtype=layout.model_dtype, device=dev).masked_fill_(~real, float("-inf"))
     select_bias = (
         torch.zeros(real.shape, dtype=torch.float32, device=dev)
         .masked_fill_(~real, float("inf"))
@@ -236,7 +264,7 @@ def build_wave(
         held=held,
         blocks=blocks,
         col_ids=col_ids,
-        attn_bias=attn_bias.unsqueeze(0).expand(layout.num_kv_heads, -1, -1).reshape(-1, 1, n + 1),
+        attn_bias=None if attn_bias is None else attn_bias.unsqueeze(0).expand(layout.num_kv_heads, -1, -1).reshape(-1, 1, n + 1),
         select_bias=select_bias.unsqueeze(1),
         valid=real.unsqueeze(1),
         new_side=encode_side(positions, layout.cache_dtype).unsqueeze(1),
@@ -244,6 +272,11 @@ def build_wave(
         per_layer=all(not g.policy.per_kv_head for g in groups),
         fill_ids=col_ids.gather(1, held[:, None]).squeeze(1) if filling else None,
         cuda=cuda,
+        # TOVA's rule, every head in this process: the operator also selects and writes.
+        cpu_select=(all(g.policy.cuda_fast_path for g in groups) and layout.tensor_parallel_size == 1)
+        if on_cpu_kernel
+        else None,
+        token_ids=tokens if on_cpu_kernel else None,
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionImpl, AttentionLayer, AttentionType
 
-from tova_vllm.backend import decode, prompt
+from tova_vllm.backend import cpu_decode, decode, prompt
 from tova_vllm.backend.backend import SUPPORTED_ATTENTION, TovaAttentionBackend
 from tova_vllm.backend.metadata import TovaMetadata
 from tova_vllm.backend.slots import SlotView
@@ -152,6 +152,8 @@ class TovaAttentionImpl(AttentionImpl[TovaMetadata]):
         for wave in m.waves:
             if wave.cuda is not None:
                 self._forward_wave_cuda(wave, q, k, v, view, out)
+            elif wave.cpu_select is not None:
+                cpu_decode.forward_wave(self, wave, q, k, v, view, out)
             else:
                 decode.forward_wave(self, wave, q, k, v, view, out)
         return output

@@ -56,7 +56,7 @@ class DecodeWave:
     held: torch.Tensor  # [R] int64, kept slots before the token
     blocks: torch.Tensor  # [R, nb] the rows' blocks (null block past a row's last)
     col_ids: torch.Tensor  # [R, n + 1] flat slot of each column (new token: the sink slot)
-    attn_bias: torch.Tensor  # [Hkv * R, 1, n + 1] 0 / -inf (model dtype): what attention sees
+    attn_bias: torch.Tensor | None  # [Hkv * R, 1, n + 1] 0 / -inf (model dtype): what attention sees (portable path)
     select_bias: torch.Tensor  # [R, 1, n + 1] float32: selection's masks (`selection.code_bias`)
     valid: torch.Tensor  # [R, 1, n + 1] bool, real slots (and the new token)
     new_side: torch.Tensor  # [R, 1, SIDE] side channel of the new tokens (cache dtype)
@@ -68,6 +68,11 @@ class DecodeWave:
     # The CUDA fast path (every row's policy has cuda_fast_path), else None:
     # (block-table rows int32 [R, W], held int32 [R], budgets int32 [R], max budget)
     cuda: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+    # The CPU decode operator (`cpu_decode`) runs the wave: True when it also
+    # selects and writes (TOVA's rule, no tensor parallelism), False when the
+    # policies choose from its probabilities and positions; None: another path.
+    cpu_select: bool | None = None
+    token_ids: torch.Tensor | None = None  # [R] int64 the rows' tokens (CPU operator)
 
 
 @dataclass

@@ -202,6 +202,35 @@ def plan_step(
     return StepPlan(segments, waves)
 
 
+def split_wave(w: Wave, take: set[int], block_size: int) -> tuple[Wave | None, Wave | None]:
+    """``w``'s rows of the policy groups in ``take``, and the others: two
+    waves (None where empty), rows still ordered by group. A wave whose
+    groups run on different compute paths is split this way."""
+    parts = []
+    for chosen in (True, False):
+        bounds = [(g, a, b) for g, a, b in w.groups if (g in take) == chosen]
+        if not bounds:
+            parts.append(None)
+            continue
+        idx = np.concatenate([np.arange(a, b) for _, a, b in bounds])
+        starts = np.cumsum([0] + [b - a for _, a, b in bounds])
+        held = w.held[idx]
+        budgets = w.budgets[idx]
+        parts.append(
+            Wave(
+                rows=w.rows[idx],
+                tokens=w.tokens[idx],
+                positions=w.positions[idx],
+                held=held,
+                budgets=budgets,
+                offsets=w.offsets[idx],
+                num_blocks=int(cdiv(np.minimum(held + 1, budgets), block_size).max()),
+                groups=[(g, int(a), int(b)) for (g, _, _), a, b in zip(bounds, starts[:-1], starts[1:])],
+            )
+        )
+    return parts[0], parts[1]
+
+
 def _segments(r, query_start, num_computed, end, phase_end, num_prompt, budget, mode, chunk, group, prompt_blocks):
     first, last = int(num_computed[r]), int(min(end[r], phase_end[r]))
     tok0 = int(query_start[r]) - first  # token index of position `first` is tok0 + first
