@@ -121,8 +121,9 @@ def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, 
     ]
     expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     # A few requests fit at admission, then they grow towards their cap and
-    # the scheduler must preempt.
-    num_blocks = 12
+    # the scheduler must preempt (on V2, fewer tokens: a smaller pool, still
+    # one request's cap).
+    num_blocks = scaled(12, CAP_BLOCKS + 1)
     with vllm_engine(
         model_path, kv_policy="tova", kv_budget=BUDGET, num_gpu_blocks_override=num_blocks, disable_log_stats=False
     ) as small:
@@ -138,7 +139,10 @@ def test_preempted_requests_yield_the_same_tokens_and_return_blocks(model_path, 
         with pytest.raises(VLLMValidationError, match="kv_prompt_mode='chunked'") as info:
             small.generate(longest, SamplingParams(max_tokens=4), use_tqdm=False)
         assert info.value.parameter == "prompt"
-        chunked = SamplingParams(max_tokens=4, extra_args={"kv_prompt_mode": "chunked", "kv_prompt_chunk": 16})
+        # (kv_budget + kv_prompt_chunk: 6 blocks, within the V2 pool's 7)
+        chunked = SamplingParams(
+            max_tokens=4, extra_args={"kv_prompt_mode": "chunked", "kv_prompt_chunk": 16, "kv_budget": 80}
+        )
         assert len(small.generate(longest, chunked, use_tqdm=False)[0].outputs[0].token_ids) == 4
     assert got == expected
 
