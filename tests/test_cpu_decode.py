@@ -32,6 +32,21 @@ def test_the_operator_builds_and_is_used_here():
             assert cpu_decode.usable(dtype, dtype, head), (dtype, head)
 
 
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_the_next():
+    """PyTorch's build lock is a plain file: a process killed while it holds
+    it (an engine stopped at start-up) leaves it, and every later load waited
+    on it for ever. The next process must load the operator regardless."""
+    import subprocess
+    import sys
+
+    assert cpu_decode.operator() is not None
+    build = cpu_decode._build_dir()
+    (build / "lock").touch()
+    code = "from tova_vllm.backend import cpu_decode; assert cpu_decode.operator() is not None"
+    subprocess.run([sys.executable, "-c", code], timeout=300, check=True)
+    assert not (build / "lock").exists()
+
+
 def _layer(hq, hkv, d):
     return types.SimpleNamespace(
         num_heads=hq,

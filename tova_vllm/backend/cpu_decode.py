@@ -27,6 +27,7 @@ path and says so once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -64,7 +65,13 @@ def _build_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tova-vllm"
     )
-    key = hashlib.sha256(f"{torch.__version__}|{_cpu_flags()}|{SOURCE.read_bytes().hex()}".encode()).hexdigest()[:16]
+    # The installed PyTorch's folder too: two environments with the same
+    # version write different include paths into the build file, and would
+    # rebuild each other's operator in turn.
+    torch_dir = os.path.dirname(torch.__file__)
+    key = hashlib.sha256(
+        f"{torch.__version__}|{torch_dir}|{_cpu_flags()}|{SOURCE.read_bytes().hex()}".encode()
+    ).hexdigest()[:16]
     return Path(root) / "cpu_decode" / key
 
 
@@ -96,16 +103,15 @@ def operator():
         tmp.replace(source)
     flags = ["-O3", "-march=native", "-ffp-contract=fast"]
     try:
-        # Several processes (tensor-parallel workers) may build at once:
-        # PyTorch's build takes a lock in the folder.
-        return load(
-            name=f"tova_cpu_decode_{build.name}",
-            sources=[str(source)],
-            extra_cflags=flags,
-            extra_ldflags=[],
-            build_directory=str(build),
-            verbose=False,
-        )
+        with _build_lock(build):
+            return load(
+                name=f"tova_cpu_decode_{build.name}",
+                sources=[str(source)],
+                extra_cflags=flags,
+                extra_ldflags=[],
+                build_directory=str(build),
+                verbose=False,
+            )
     except Exception as e:  # noqa: BLE001 -- any build failure: the portable path
         logger.warning(
             "tova-vllm: the CPU decode operator failed to build in %s (%s); decode runs the "
@@ -114,6 +120,27 @@ def operator():
             e,
         )
         return None
+
+
+@contextlib.contextmanager
+def _build_lock(build: Path):
+    """One process at a time loads (and builds) the operator in ``build``.
+    PyTorch's own lock is a file that a process killed while it holds it
+    leaves behind, and every later process would wait on it for ever; this
+    lock (``flock``) dies with its holder, and whoever holds it knows that a
+    leftover PyTorch lock file is stale."""
+    import fcntl
+
+    with open(build / "tova-build.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            stale = build / "lock"  # torch.utils.file_baton's, inside `load`
+            if stale.exists():
+                logger.info("tova-vllm: removing a stale build lock %s (its process died)", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @functools.cache
