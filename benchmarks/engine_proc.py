@@ -13,7 +13,9 @@ then serves commands until told to stop:
   engine step that returned its first token), end-to-end time, output tokens,
   prefix-cache hit tokens (``RequestOutput.num_cached_tokens``) and, with a
   policy, the most KV blocks it held at once; optionally the process's extra
-  peak RSS over the call (`measure_memory`).
+  peak RSS over the call (`measure_memory`);
+- ``decode_rate``: submit requests at once and time only the decode steps
+  after every prefill (decode tokens/s of the batch).
 
 The engine is driven step by step (``LLMEngine.add_request`` / ``step``), so
 the times include the scheduler and output processing, as a user sees them.
@@ -232,6 +234,39 @@ def _generate(llm, requests: list[dict[str, Any]], concurrent: bool = False,
     return result
 
 
+def _decode_rate(llm, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Submits ``requests`` at once, steps the engine until every one has its
+    first token (prefills done), then times the decode steps until all are
+    done: the decode tokens/s of a batch, without its prefill."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    tag = f"d{time.monotonic_ns()}"
+    started: set[str] = set()
+    for r in requests:
+        params = SamplingParams(max_tokens=r["max_tokens"], ignore_eos=True, temperature=0.0,
+                                output_kind=RequestOutputKind.DELTA, detokenize=False,
+                                extra_args=r.get("extra_args"))
+        engine.add_request(f"{tag}-{r['id']}", {"prompt_token_ids": r["prompt_token_ids"]}, params)
+    t0, tokens, steps = None, 0, 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        n = sum(len(o.outputs[0].token_ids) for o in outputs if o.outputs)
+        if t0 is None:
+            started.update(o.request_id for o in outputs if o.outputs and o.outputs[0].token_ids)
+            if len(started) == len(requests):
+                t0 = time.perf_counter()  # every prefill is done: decode steps from here
+            continue
+        tokens += n
+        steps += 1
+    t1 = time.perf_counter()
+    if t0 is None or steps == 0:
+        raise RuntimeError("no decode step ran after the prefills (max_tokens too small?)")
+    return {"decode_tokens": tokens, "decode_steps": steps, "decode_s": round(t1 - t0, 4),
+            "decode_tok_s": round(tokens / (t1 - t0), 2)}
+
+
 def _child_main(conn, label: str, engine_kwargs: dict[str, Any], parent: int | None = None) -> None:
     if parent is not None:
         _exit_with_parent(parent)
@@ -244,7 +279,7 @@ def _child_main(conn, label: str, engine_kwargs: dict[str, Any], parent: int | N
     except BaseException:  # noqa: BLE001 - reported to the driver
         conn.send({"ok": False, "error": traceback.format_exc()})
         return
-    handlers = {"generate": _generate, "info": lambda llm: _engine_info(llm, 0.0)}
+    handlers = {"generate": _generate, "decode_rate": _decode_rate, "info": lambda llm: _engine_info(llm, 0.0)}
     try:
         while True:
             try:
@@ -309,6 +344,9 @@ class EngineProcess:
     def generate(self, requests: list[dict[str, Any]], **kwargs) -> dict[str, Any]:
         return self.call("generate", requests=requests, **kwargs)
 
+    def decode_rate(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.call("decode_rate", requests=requests)
+
     def close(self) -> None:
         if self.proc.is_alive():
             with contextlib.suppress(Exception):
@@ -360,6 +398,7 @@ def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
 def write_report(result: dict[str, Any], out: Path, name: str, markdown, plot) -> dict[str, Any]:
     """Writes ``name``.json/.md/.png into ``out`` (their paths also in the
     result), prints the table and where everything went."""
+    out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "md": out / f"{name}.md", "png": out / f"{name}.png"}
     result.update({k: str(v) for k, v in paths.items()})
     table = markdown(result)

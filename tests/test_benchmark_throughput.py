@@ -125,3 +125,35 @@ def test_writes_the_plot(tiny_run):
     assert png.parent == out
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_long_context_preset_runs_end_to_end(tmp_path):
+    """`--preset long-context` with tiny sizes: every configuration (stock,
+    TOVA, the ideal) on both workloads, the table with its ratios and
+    targets, the JSON and the plot."""
+    out = tmp_path / "long_context"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--preset", "long-context", "--budgets", "32",
+         "--contexts", "2", "--context-len", "96", "--shared-requests", "2", "--prefix-len", "64",
+         "--suffix-len", "16", "--output-len", "6", "--rounds", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads((out / "long_context.json").read_text())
+    rows = {(r["workload"], r["config"]): r for r in result["summary"]["rows"]}
+    assert set(rows) == {("distinct", "stock"), ("distinct", "tova b=32"), ("distinct", "ideal b=32"),
+                         ("shared", "stock"), ("shared", "tova b=32")}  # fmt: skip
+    for r in rows.values():
+        assert r["decode_tok_s"] > 0
+    tova = rows[("distinct", "tova b=32")]
+    assert tova["vs_ideal"] == pytest.approx(tova["decode_tok_s"] / rows[("distinct", "ideal b=32")]["decode_tok_s"],
+                                             abs=1e-3)  # fmt: skip (ratios: 3 decimals)
+    for runs in result["raw"].values():
+        for per in runs.values():
+            # Every request decoded its tokens after its prefill (one token each came with the prefill).
+            assert all(x["decode_tokens"] > 0 and x["decode_steps"] > 0 for x in per)
+    assert [t["what"] for t in result["summary"]["targets"]] == ["distinct, tova b=32 / ideal",
+                                                                 "shared prefix, tova b=32 / stock"]  # fmt: skip
+    assert "| distinct | tova b=32 |" in proc.stdout and "target >= 0.9" in proc.stdout
+    assert (out / "long_context.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,9 @@ Prints a table per mode and writes DIR/throughput.json and DIR/throughput.png
 (ratio to stock vs budget, and peak running sequences). ``--variants``: the
 TOVA variants measured per budget beside the same stock runs, each
 ``mode[:chunk]`` with mode bulk, chunked or stream (the preset's by default).
-Run from the repository root.
+Run from the repository root. ``--preset long-context`` measures decode speed on
+long contexts with ample KV memory instead (`benchmarks.throughput.long_context`,
+its own options).
 """
 
 from __future__ import annotations
@@ -67,7 +69,19 @@ def build_preset(args):
     return p
 
 
+LONG_CONTEXT = "long-context"  # decode speed on long contexts: benchmarks.throughput.long_context
+
+
 def main(argv=None) -> dict:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):
+        if a == f"--preset={LONG_CONTEXT}" or (a == "--preset" and argv[i + 1 : i + 2] == [LONG_CONTEXT]):
+            from benchmarks.throughput import long_context
+
+            rest = argv[:i] + argv[i + (1 if "=" in a else 2) :]
+            return long_context.main(rest)
     args = parse_args(argv)
     p = build_preset(args)
     # vLLM on the CPU reserves most of the RAM for the KV cache unless told;

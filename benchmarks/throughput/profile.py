@@ -49,6 +49,10 @@ def profile(model, args, label, **policy) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         _steps(llm, args.steps)
     ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    # One attention layer call (the op vLLM wraps every layer's attention in):
+    # its wall time in the profiler, the median over the profiled steps.
+    calls = sorted(e.cpu_time_total for e in prof.events() if e.name == "vllm::unified_attention_with_output")
+    layer_us = calls[len(calls) // 2] if calls else None
     try:  # device operations per attention layer call (kernels and copies, not views)
         from tova_vllm.inspect import count_device_ops
 
@@ -63,7 +67,7 @@ def profile(model, args, label, **policy) -> dict:
     pstats.Stats(cp, stream=out).sort_stats("cumulative").print_stats(args.top * 2)
     llm.llm_engine.engine_core.shutdown()
     return {"label": label, "step_ms": step_ms, "ops": ops, "functions": out.getvalue(),
-            "layer_ops": counts[len(counts) // 2] if counts else None}
+            "layer_ops": counts[len(counts) // 2] if counts else None, "layer_us": layer_us}
 
 
 def main() -> None:
@@ -94,7 +98,10 @@ def main() -> None:
     print(f"\nbatch {args.batch}, decode steps at context {args.warmup}..{args.warmup + 2 * args.steps}")
     for r in results:
         ops = "" if r["layer_ops"] is None else f", {r['layer_ops']} device operations per attention layer call (median)"
-        print(f"{r['label']:24s} {r['step_ms']:8.1f} ms per decode step{ops}")
+        call = "" if r["layer_us"] is None else f", one attention layer call {r['layer_us']:.0f} us (median)"
+        print(f"{r['label']:24s} {r['step_ms']:8.1f} ms per decode step{call}{ops}")
+    if len(results) == 2 and all(r["layer_us"] for r in results):
+        print(f"attention layer call, TOVA / stock: {results[1]['layer_us'] / results[0]['layer_us']:.2f}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         part = result.get(mode)
         if not part:
             continue
-        bs = part["budgets"]
+        bs = sorted(part["budgets"], key=lambda b: b["budget"])  # lines join neighbouring budgets
         x = [b["budget"] for b in bs]
         names = [v["name"] for v in _variants(part, bs[0])]
         many = len(names) > 1
